@@ -1,0 +1,166 @@
+"""The shipped tokenizer (model/), its chat template, the demo data's schema, and train_tokenizer.py end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO_ROOT / "model"
+DEMO_DIR = REPO_ROOT / "dataset" / "demo"
+RESERVED = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+# Written for this test, in none of the training sources: the chars/token figures in the README come from these.
+ZH = ("周末的早晨，城市还没有完全醒来。我沿着河边的小路慢慢走，看见几位老人在打太极拳，一个小男孩骑着自行车从身边经过，车铃叮当作响。"
+      "路边的早餐店已经开门了，蒸笼里冒出白色的热气，豆浆和油条的香味飘得很远。我买了一杯热豆浆，坐在长椅上，打开手机查看这周的工作安排。"
+      "最近公司在开发一个新的应用程序，需要和设计团队反复讨论用户界面的细节。虽然工作很忙，但是能和同事们一起解决问题，我觉得很有成就感。"
+      "喝完豆浆，太阳已经升得很高，阳光照在水面上，闪闪发光。我决定今天不加班，下午去图书馆借几本关于历史和科学的书，晚上再给父母打个电话，"
+      "问问他们的身体情况。")
+EN = ("On Saturday morning the market opened earlier than usual. Farmers unloaded crates of apples, carrots and fresh "
+      "bread while a street musician tuned his guitar near the fountain. My sister and I had planned to buy vegetables "
+      "for the week, but we ended up talking with an old carpenter who repairs chairs in a small workshop behind the "
+      "library. He explained that most furniture breaks at the joints, not in the wood itself, and that a little glue "
+      "and patience can save a chair that people would otherwise throw away. Before we left, he showed us a table he "
+      "had built forty years ago for his daughter's wedding. It still stands in his kitchen, he said, because good "
+      "work is quiet and lasts longer than fashion.")
+CODE = 'def fib(n: int) -> list[int]:\n    """斐波那契"""\n    a, b = 0, 1\n    out = []\n    for _ in range(n):\n' \
+       '        out.append(a)\n        a, b = b, a + b\n\treturn out  # tab + trailing spaces   \n\n'
+EMOJI = "Good job 👍🏽! 家庭：👨‍👩‍👧‍👦 旗帜 🇨🇳 ∑x² ≤ 10⁻³ — «ok» café naïve"
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Get the weather",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS_BLOCK = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with "
+               "function signatures within <tools></tools> XML tags:\n<tools>\n" + json.dumps(TOOLS[0], ensure_ascii=False)
+               + "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+               "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+               "<args-json-object>}\n</tool_call>")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(MODEL_DIR))
+
+
+def test_vocab_and_special_ids(tok):
+    assert len(tok) == 6400
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + RESERVED) == list(range(9))
+    assert (tok.pad_token_id, tok.unk_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 0, 1, 2)
+    # Each marker is one token, never split, and survives skip_special_tokens (tool/reasoning parsers need it).
+    text = "<|im_start|>assistant\n<think>\nhm\n</think>\n\n<tool_call>\n{}\n</tool_call><|im_end|>"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert [1, 7, 8, 3, 4, 2] == [i for i in ids if i < 9]
+    assert tok.decode(ids, skip_special_tokens=True) == "assistant\n<think>\nhm\n</think>\n\n<tool_call>\n{}\n</tool_call>"
+
+
+def test_config_loads_in_transformers_4_and_5():
+    config = json.loads((MODEL_DIR / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert not isinstance(config.get("extra_special_tokens"), list)
+    assert (MODEL_DIR / "chat_template.jinja").is_file()
+
+
+@pytest.mark.parametrize("text", [ZH, EN, CODE, EMOJI, " leading and trailing spaces ", "\n\n", "a\u00a0b\u200bc"])
+def test_round_trip(tok, text):
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+
+
+def test_no_bos_eos_added(tok):
+    assert tok("你好")["input_ids"] == tok.encode("你好", add_special_tokens=False)
+
+
+def test_chars_per_token(tok):
+    """A floor under the README's figures (1.28 zh, 2.44 en): a retrained vocabulary must not get much worse."""
+    assert len(ZH) / len(tok.encode(ZH)) > 1.2
+    assert len(EN) / len(tok.encode(EN)) > 2.3
+
+
+CHAT = [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"}, {"role": "user", "content": "Say hi in English."}]
+CHATML = ("<|im_start|>system\n你是一个乐于助人的助手。<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+          "<|im_start|>assistant\n你好！有什么可以帮你？<|im_end|>\n<|im_start|>user\nSay hi in English.<|im_end|>\n")
+
+
+def test_chat_template_plain_chatml(tok):
+    assert tok.apply_chat_template(CHAT, tokenize=False) == CHATML
+    assert tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == CHATML + "<|im_start|>assistant\n"
+    ids = tok.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[0] == 1 and ids[-3:] == tok.encode("<|im_start|>assistant\n") and len(ids) == len(tok.encode(CHATML)) + 3
+
+
+def test_chat_template_tool_call_row(tok):
+    """A minimind-3 style row with tools, a tool call, a tool result and reasoning, parsed (json.loads) first."""
+    row = [{"role": "system", "content": "你是助手", "tools": TOOLS},
+           {"role": "user", "content": "北京天气？"},
+           {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京"}}]},
+           {"role": "tool", "content": '{"temp": 20}'},
+           {"role": "assistant", "content": "北京 20 度。", "reasoning_content": "工具说 20 度。"}]
+    expected = ("<|im_start|>system\n你是助手\n\n" + TOOLS_BLOCK + "<|im_end|>\n<|im_start|>user\n北京天气？<|im_end|>\n"
+                "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"北京\"}}\n"
+                "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{\"temp\": 20}\n</tool_response><|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n工具说 20 度。\n</think>\n\n北京 20 度。<|im_end|>\n")
+    assert tok.apply_chat_template(row, tokenize=False) == expected
+    # The same through the standard `tools=` argument and OpenAI-style {"function": {...}} calls, no system turn.
+    openai = [dict(m) for m in row[1:]]
+    openai[1]["tool_calls"] = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]
+    rendered = tok.apply_chat_template(openai, tools=TOOLS, tokenize=False)
+    assert rendered == "<|im_start|>system\n" + TOOLS_BLOCK + "<|im_end|>\n" + expected.split("<|im_end|>\n", 1)[1]
+
+
+def test_chat_template_raw_json_strings(tok):
+    """Rows exactly as stored (tools / tool_calls as JSON strings) render without error, the strings verbatim."""
+    row = [{"role": "system", "content": "", "tools": json.dumps(TOOLS)}, {"role": "user", "content": "hi"},
+           {"role": "assistant", "content": "", "tool_calls": '[{"name": "f", "arguments": {}}]'},
+           {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]
+    out = tok.apply_chat_template(row, tokenize=False)
+    assert "<tools>\n" + json.dumps(TOOLS) + "\n</tools>" in out
+    assert '<|im_start|>assistant\n<tool_call>\n[{"name": "f", "arguments": {}}]\n</tool_call><|im_end|>\n' in out
+    # Consecutive tool results share one user turn, as in Qwen3 / minimind-3.
+    assert out.endswith("<|im_start|>user\n<tool_response>\n1\n</tool_response>\n<tool_response>\n2\n</tool_response>"
+                        "<|im_end|>\n")
+
+
+def _turns_ok(turns) -> bool:
+    roles = [t["role"] for t in turns]
+    if roles and roles[0] == "system":
+        roles = roles[1:]
+    return (all(isinstance(t["content"], str) and t["content"] for t in turns) and len(roles) >= 2
+            and roles == ["user", "assistant"] * (len(roles) // 2))
+
+
+@pytest.mark.parametrize("name", ["pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "lora_identity.jsonl"])
+def test_demo_data_schema(name):
+    lines = (DEMO_DIR / name).read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 100
+    for n, line in enumerate(lines, 1):
+        row = json.loads(line)
+        if name == "pretrain.jsonl":
+            assert list(row) == ["text"] and isinstance(row["text"], str) and row["text"], n
+        elif name == "dpo.jsonl":
+            assert list(row) == ["chosen", "rejected"], n
+            assert _turns_ok(row["chosen"]) and _turns_ok(row["rejected"]), n
+            assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][-1] != row["rejected"][-1], n
+        else:
+            assert list(row) == ["conversations"] and _turns_ok(row["conversations"]), n
+
+
+def test_identity_data_says_minimind():
+    rows = [json.loads(line) for line in (DEMO_DIR / "lora_identity.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all("MiniMind" in row["conversations"][-1]["content"] for row in rows)
+
+
+def test_train_tokenizer_end_to_end(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    texts = [ZH, EN, CODE, EMOJI] * 5
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "tok"
+    subprocess.run([sys.executable, str(REPO_ROOT / "trainer" / "train_tokenizer.py"), "--corpus", str(corpus),
+                    "--out_dir", str(out), "--vocab_size", "300"], check=True, capture_output=True, timeout=120)
+    small = AutoTokenizer.from_pretrained(str(out))
+    assert len(small) == 300
+    assert small.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + RESERVED) == list(range(9))
+    assert small.decode(small.encode(ZH + EMOJI)) == ZH + EMOJI
+    assert small.apply_chat_template(CHAT, tokenize=False) == CHATML

