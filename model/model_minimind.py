@@ -481,9 +481,12 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            targets = labels[:, 1:].reshape(-1)
+            loss_sum = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
             )
+            # mean over supervised tokens; a batch with none (all -100) gives 0, not NaN, and needs no host sync
+            loss = loss_sum / (targets != -100).sum().clamp(min=1)
             if aux_loss is not None:
                 loss = loss + aux_loss
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache)

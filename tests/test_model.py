@@ -213,3 +213,9 @@ def test_presets_have_the_published_sizes():
     assert [round(n / 1e6) for n in sizes["minimind3-moe"]] == [198, 64]
     with pytest.raises(ValueError, match="unknown preset"):
         MiniMindConfig.from_preset("gpt5")
+
+
+def test_loss_is_zero_not_nan_when_nothing_is_supervised(tiny):
+    model = MiniMindForCausalLM(tiny())
+    ids = torch.randint(0, 6400, (2, 8))
+    assert model(ids, labels=torch.full_like(ids, -100)).loss.item() == 0.0

@@ -1,0 +1,507 @@
+"""Datasets for every training stage: pretrain (packed or padded), SFT and DPO (assistant-only labels).
+
+Nothing here holds a data file in RAM, so multi-GB jsonl files cost the same memory as tiny ones:
+- pretrain files are tokenised once into a uint16 token file (np.memmap) + document offsets, cached on disk;
+- SFT / DPO files are indexed once (byte offset of every line) and each row is read, rendered with the
+  tokenizer's chat template and tokenised lazily in __getitem__.
+Caches live in `<dir of the data file>/.cache/`, keyed by the source file (path, size, mtime), the tokenizer and
+the format version, written atomically and built by one process while the others (DDP ranks) wait on a file lock.
+
+Items are dicts of 1-D LongTensors, `input_ids` and `labels` (aligned: the model shifts internally; -100 = no
+loss). `pad_collate` batches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO_ROOT / "dataset"
+IGNORE_INDEX = -100
+CACHE_VERSION = 1  # bump when the layout of a cache file changes
+TOKENIZE_BATCH_BYTES = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
+DOWNLOAD_HINT = "python scripts/download_data.py {name}   (or --list to see every file)"
+
+
+class DataError(ValueError):
+    """A data row that cannot be used; the message names the file and the 1-based line number."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finding files
+
+
+def resolve_data_path(data_path: str | os.PathLike | None, default_names: list[str], demo_file: str) -> Path:
+    """Turn --data_path into an existing file.
+
+    An explicit path must exist (relative paths: current dir first, then the repo root). With no path, the first
+    of `default_names` found in `<repo>/dataset/` wins (old and new MiniMind names), else the bundled demo file
+    `dataset/demo/<demo_file>` is used and one line says so.
+    """
+    if data_path is not None:
+        path = Path(data_path).expanduser()
+        candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.resolve()
+        tried = " or ".join(str(c.resolve()) for c in candidates)
+        raise FileNotFoundError(f"data file not found: looked for {tried}. Download it with: "
+                                + DOWNLOAD_HINT.format(name=path.name))
+    for name in default_names:
+        if (DATA_DIR / name).is_file():
+            return DATA_DIR / name
+    demo = DATA_DIR / "demo" / demo_file
+    looked = ", ".join(str(DATA_DIR / n) for n in default_names)
+    if not demo.is_file():
+        raise FileNotFoundError(f"no data: looked for {looked} and the demo file {demo}. Download with: "
+                                + DOWNLOAD_HINT.format(name=default_names[0]))
+    print(f"[data] none of {looked} found (download: {DOWNLOAD_HINT.format(name=default_names[0])}); "
+          f"using the bundled demo file {demo}")
+    return demo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the on-disk cache
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides token ids (tokenizer.json minus padding/truncation state)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # transformers flips these when a caller asks for padding/truncation: they do not change the ids
+        spec.pop("padding", None)
+        spec.pop("truncation", None)
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _cached(source: Path, cache_dir: str | os.PathLike | None, kind: str, key: dict, parts: list[str],
+            build: Callable[[dict[str, Path]], dict]) -> tuple[dict[str, Path], dict, bool]:
+    """Return ({part: file}, meta, built_now) for a cache of `source`, building it once if needed.
+
+    `build(tmp_files)` writes every part and returns the metadata. Parts are moved into place with os.replace and
+    the meta file goes last, so it marks a complete cache: a crash never leaves one that looks valid. A file lock
+    (rather than a torch.distributed barrier, whose NCCL timeout a long build could exceed) makes one process
+    build while the other ranks wait, then they all map the same files.
+    """
+    stat = source.stat()
+    key = {**key, "source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "kind": kind, "version": CACHE_VERSION}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) if cache_dir is not None else source.parent / ".cache"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"{source.name}.{kind}.{digest}"
+    files = {part: stem.with_name(f"{stem.name}.{part}") for part in parts}
+    meta_file = stem.with_name(stem.name + ".meta.json")
+    built = False
+    with FileLock(str(stem) + ".lock"):
+        if not meta_file.is_file():
+            tmp = {part: f.with_name(f"{f.name}.tmp{os.getpid()}") for part, f in files.items()}
+            try:
+                meta = {**build(tmp), "key": key}
+                for part, f in files.items():
+                    os.replace(tmp[part], f)
+                tmp_meta = meta_file.with_name(f"{meta_file.name}.tmp{os.getpid()}")
+                tmp_meta.write_text(json.dumps(meta, indent=1))
+                os.replace(tmp_meta, meta_file)
+                built = True
+            finally:
+                for f in tmp.values():
+                    f.unlink(missing_ok=True)
+    return files, json.loads(meta_file.read_text()), built
+
+
+def _line_index(tmp: dict[str, Path], source: Path) -> dict:
+    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-empty line of `source`."""
+    n_rows = lineno = offset = 0
+    chunk_size = 16 << 20
+    with open(source, "rb") as f, open(tmp["lines"], "wb") as out, \
+            tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"indexing {source.name}") as bar:
+        line_start = 0
+        while chunk := f.read(chunk_size):
+            ends = offset + np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
+            if len(ends):
+                starts = np.concatenate([[line_start], ends[:-1] + 1])
+                keep = ends > starts  # empty lines are not rows, but still count for line numbers
+                rows = np.stack([starts[keep], lineno + 1 + np.flatnonzero(keep)], axis=1).astype(np.int64)
+                out.write(rows.tobytes())
+                n_rows, lineno, line_start = n_rows + len(rows), lineno + len(ends), int(ends[-1]) + 1
+            offset += len(chunk)
+            bar.update(len(chunk))
+        if line_start < offset:  # last line without a trailing newline
+            out.write(np.array([[line_start, lineno + 1]], np.int64).tobytes())
+            n_rows += 1
+    return {"rows": n_rows}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pretraining
+
+
+def _document(raw: bytes, where: str) -> str:
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: malformed JSON ({e})") from None
+    if not isinstance(row, dict) or "text" not in row:
+        raise DataError(f"{where}: expected an object with a 'text' key, got {_preview(row)}")
+    text = row["text"]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise DataError(f"{where}: empty 'text'")
+    return text
+
+
+class PretrainDataset(Dataset):
+    """Plain-text pretraining data: jsonl lines of {"text": ...}.
+
+    mode="pack" (default): all documents, each followed by the document separator `<|endoftext|>`, form one token
+      stream cut into rows of exactly max_seq_len tokens (no padding; the tail shorter than a row is dropped).
+      Attention crosses document boundaries inside a row, as in GPT-2 / nanoGPT: the separator tells the model a
+      new document starts.
+    mode="pad": one document (+ separator) per row, truncated to max_seq_len, variable length; pad_collate pads.
+
+    The token stream is built once per (file, tokenizer) into `cache_dir` (default `<data dir>/.cache/`) and
+    memory-mapped, so switching mode or max_seq_len reuses it. `built_cache` says whether this call built it.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, mode: str = "pack",
+                 cache_dir: str | os.PathLike | None = None, skip_bad_lines: bool = False):
+        if mode not in ("pack", "pad"):
+            raise ValueError(f"mode must be 'pack' or 'pad', got {mode!r}")
+        self.path, self.max_seq_len, self.mode = Path(path), max_seq_len, mode
+        if not self.path.is_file():
+            raise FileNotFoundError(f"pretrain data not found: {self.path.resolve()}. Download it with: "
+                                    + DOWNLOAD_HINT.format(name=self.path.name))
+        self.sep_id = tokenizer.get_vocab().get("<|endoftext|>", tokenizer.eos_token_id)
+        self.dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
+        key = {"tokenizer": tokenizer_fingerprint(tokenizer), "sep_id": self.sep_id,
+               "dtype": np.dtype(self.dtype).name, "skip_bad_lines": skip_bad_lines}
+        build = lambda tmp: self._tokenize(tmp, tokenizer, skip_bad_lines)  # noqa: E731
+        self.files, meta, self.built_cache = _cached(self.path, cache_dir, "tokens", key, ["bin", "docs"], build)
+        self.n_tokens, self.n_docs, self.skipped = meta["tokens"], meta["docs"], meta["skipped"]
+        if self.skipped:
+            log.warning("%s: skipped %d bad line(s) (skip_bad_lines=True)", self.path, self.skipped)
+        if mode == "pack" and self.n_tokens < max_seq_len:
+            raise DataError(f"{self.path}: {self.n_tokens} tokens, fewer than one row of max_seq_len={max_seq_len}")
+        self._tokens = self._doc_ends = None  # mapped lazily, once per process (DataLoader workers)
+
+    def _tokenize(self, tmp: dict[str, Path], tokenizer: Any, skip_bad_lines: bool) -> dict:
+        """Stream the jsonl in batches through the fast tokenizer into the token file; doc end offsets aside."""
+        n_tokens = n_docs = skipped = 0
+        texts: list[str] = []
+
+        def flush() -> None:
+            nonlocal n_tokens, n_docs
+            if not texts:
+                return
+            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+            flat: list[int] = []
+            for doc in ids:
+                flat.extend(doc)
+                flat.append(self.sep_id)
+            ends = n_tokens + np.cumsum([len(doc) + 1 for doc in ids], dtype=np.int64)
+            f_bin.write(np.asarray(flat, dtype=self.dtype).tobytes())
+            f_docs.write(ends.tobytes())
+            n_tokens, n_docs = int(ends[-1]), n_docs + len(ids)
+            texts.clear()
+
+        with open(self.path, "rb") as f, open(tmp["bin"], "wb") as f_bin, open(tmp["docs"], "wb") as f_docs, \
+                tqdm(total=self.path.stat().st_size, unit="B", unit_scale=True,
+                     desc=f"tokenizing {self.path.name}") as bar:
+            pending = 0
+            for lineno, raw in enumerate(f, 1):
+                pending += len(raw)
+                if not raw.strip():
+                    continue
+                try:
+                    texts.append(_document(raw, f"{self.path}:{lineno}"))
+                except DataError as e:
+                    if not skip_bad_lines:
+                        raise
+                    skipped += 1
+                    log.warning("skipping %s", e)
+                if pending >= TOKENIZE_BATCH_BYTES:
+                    flush()
+                    bar.update(pending)
+                    pending = 0
+            flush()
+            bar.update(pending)
+        if n_docs == 0:
+            raise DataError(f"{self.path}: no documents")
+        return {"tokens": n_tokens, "docs": n_docs, "skipped": skipped}
+
+    def _map(self) -> None:
+        self._tokens = np.memmap(self.files["bin"], dtype=self.dtype, mode="r")
+        self._doc_ends = np.memmap(self.files["docs"], dtype=np.int64, mode="r")
+
+    def __getstate__(self) -> dict:
+        # never pickle the mapped arrays (spawned workers would copy the whole file); each process maps its own
+        return {**self.__dict__, "_tokens": None, "_doc_ends": None}
+
+    def __len__(self) -> int:
+        return self.n_tokens // self.max_seq_len if self.mode == "pack" else self.n_docs
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if self._tokens is None:
+            self._map()
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        if self.mode == "pack":
+            row = self._tokens[i * self.max_seq_len:(i + 1) * self.max_seq_len]
+        else:
+            start = int(self._doc_ends[i - 1]) if i else 0
+            row = self._tokens[start:min(int(self._doc_ends[i]), start + self.max_seq_len)]
+        ids = torch.from_numpy(row.astype(np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# chat data: SFT and DPO
+
+
+def _preview(obj: Any, width: int = 80) -> str:
+    text = json.dumps(obj, ensure_ascii=False) if not isinstance(obj, str) else obj
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _json_field(value: Any, what: str, where: str) -> Any:
+    """MiniMind stores `tools` / `tool_calls` as JSON strings: parse them, so every template sees lists of dicts."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: {what} is not valid JSON ({e})") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {what} must be a list (or a JSON string of one), got {type(value).__name__}")
+    return value
+
+
+def _messages(turns: Any, where: str) -> tuple[list[dict], list | None]:
+    """Validate a list of turns; return (messages for apply_chat_template, tools or None)."""
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: expected a non-empty list of turns, got {_preview(turns)}")
+    messages, tools = [], None
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"{where}: turn {k} needs a role of system/user/assistant/tool, got {_preview(turn)}")
+        message = dict(turn)
+        if message.get("content") is None:
+            message["content"] = ""
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: turn {k} content must be a string, got {type(message['content']).__name__}")
+        if message.get("tools"):
+            tools = message["tools"] = _json_field(message["tools"], f"turn {k} tools", where)
+        if message.get("tool_calls"):
+            message["tool_calls"] = _json_field(message["tool_calls"], f"turn {k} tool_calls", where)
+        messages.append(message)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn, nothing to learn")
+    return messages, tools
+
+
+class _ChatRows(Dataset):
+    """Lazy access to the rows of a chat jsonl file, and the chat template rendering with assistant-only labels.
+
+    Every assistant turn is supervised from just after `<|im_start|>assistant\\n` up to and including its
+    `<|im_end|>` (reasoning and tool calls included: they are inside the turn); the "\\n" after it is template
+    glue that generation never produces, so it is not. System, user and tool turns are never supervised.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool,
+                 cache_dir: str | os.PathLike | None):
+        self.path, self.tokenizer, self.max_seq_len = Path(path), tokenizer, max_seq_len
+        self.skip_bad_lines, self.skipped = skip_bad_lines, 0
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.path.resolve()}. Download it with: "
+                                    + DOWNLOAD_HINT.format(name=self.path.name))
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ("<|im_start|>", "<|im_end|>") if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the ChatML tokens {missing}; SFT/DPO labels need them")
+        self.end_id = vocab["<|im_end|>"]
+        # An assistant turn opens with <|im_start|> "assistant" and a token starting with "\n" (some tokenizers
+        # merge that newline with the reply's first characters, so match the newline by its decoded text).
+        self.head = [vocab["<|im_start|>"]] + tokenizer.encode("assistant", add_special_tokens=False)
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.newline_ids = {i for i, piece in enumerate(pieces) if piece.startswith("\n")}
+        self.files, meta, _ = _cached(self.path, cache_dir, "lines", {}, ["lines"],
+                                      lambda tmp: _line_index(tmp, self.path))
+        self.n_rows = meta["rows"]
+        self._lines, self._file, self._pid = None, None, None
+        self._check_template()
+
+    def _check_template(self) -> None:
+        """Fail at start-up, not mid-epoch, if the chat template does not render ChatML assistant turns."""
+        turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]
+        enc = self.encode_turns(turns, where="template check", max_seq_len=10**9)
+        supervised = enc["input_ids"][enc["labels"] != IGNORE_INDEX].tolist()
+        if not supervised or supervised[-1] != self.end_id:
+            raise ValueError("the tokenizer's chat template does not render assistant turns as "
+                             "'<|im_start|>assistant\\n...<|im_end|>' (ChatML): cannot find what to supervise")
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lines": None, "_file": None, "_pid": None}
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def _row(self, i: int) -> tuple[Any, str]:
+        """Read and parse row i; the file is opened once per process (DataLoader workers fork or spawn)."""
+        if self._pid != os.getpid():
+            self._lines = np.memmap(self.files["lines"], dtype=np.int64, mode="r").reshape(-1, 2)
+            self._file, self._pid = open(self.path, "rb"), os.getpid()
+        offset, lineno = (int(x) for x in self._lines[i])
+        where = f"{self.path}:{lineno}"
+        self._file.seek(offset)
+        try:
+            return json.loads(self._file.readline()), where
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: malformed JSON ({e})") from None
+
+    def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
+        """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""
+        messages, tools = _messages(turns, where)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        except Exception as e:  # a template error without file:line would be opaque mid-epoch
+            raise DataError(f"{where}: the chat template cannot render this row ({type(e).__name__}: {e})") from e
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_seq_len or self.max_seq_len]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(self._assistant_labels(ids))}
+
+    def _assistant_labels(self, ids: list[int]) -> list[int]:
+        """One linear scan: label from after each assistant header through the next <|im_end|>.
+
+        Truncation only ever removes a tail, so every supervised token keeps its prompt; a reply cut short keeps
+        its supervised prefix, and a header cut short supervises nothing.
+        """
+        labels = [IGNORE_INDEX] * len(ids)
+        head, n, i = self.head, len(ids), 0
+        while i < n:
+            if ids[i] != head[0]:
+                i += 1
+                continue
+            body = i + len(head)
+            if ids[i:body] != head or body >= n or ids[body] not in self.newline_ids:
+                i += 1
+                continue
+            start = end = body + 1
+            while end < n and ids[end] != self.end_id:
+                end += 1
+            end = min(end + 1, n)  # include <|im_end|>
+            labels[start:end] = ids[start:end]
+            i = end
+        return labels
+
+    def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        for step in range(len(self)):  # with skip_bad_lines, a bad row is replaced by the next good one
+            try:
+                row, where = self._row((i + step) % len(self))
+                return self.encode_row(row, where)
+            except DataError as e:
+                if not self.skip_bad_lines:
+                    raise
+                self.skipped += 1  # counted per process: each DataLoader worker logs its own
+                log.warning("skipping %s (%d skipped in this process)", e, self.skipped)
+        raise DataError(f"{self.path}: no usable row")
+
+
+class SFTDataset(_ChatRows):
+    """Chat SFT data: jsonl lines of {"conversations": [{"role": ..., "content": ...}, ...]}.
+
+    Handles MiniMind2 rows (optional system turn, user/assistant turns) and minimind-3 rows (a system turn with
+    `tools`, assistant `tool_calls` and `reasoning_content`, `tool` turns), all rendered by the tokenizer's chat
+    template. Rows are truncated to max_seq_len tokens; a row whose first reply lies beyond the cut has no
+    supervised token (all labels -100): the loss must not divide by zero tokens.
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
+                 cache_dir: str | os.PathLike | None = None):
+        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir)
+
+    def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
+        if not isinstance(row, dict) or "conversations" not in row:
+            raise DataError(f"{where}: expected an object with a 'conversations' key, got {_preview(row)}")
+        return self.encode_turns(row["conversations"], where)
+
+
+class DPODataset(_ChatRows):
+    """Preference data: jsonl lines of {"chosen": [turns], "rejected": [turns]} (same turn format as SFT).
+
+    Items hold chosen_input_ids / chosen_labels / rejected_input_ids / rejected_labels, labels masked like SFT
+    (sequence log-probs are sums or means over the tokens whose label is not -100).
+    """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
+                 cache_dir: str | os.PathLike | None = None):
+        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir)
+
+    def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
+        if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
+            raise DataError(f"{where}: expected an object with 'chosen' and 'rejected' keys, got {_preview(row)}")
+        item = {}
+        for side in ("chosen", "rejected"):
+            enc = self.encode_turns(row[side], f"{where} ({side})")
+            item[f"{side}_input_ids"], item[f"{side}_labels"] = enc["input_ids"], enc["labels"]
+        return item
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batching and splitting
+
+
+def pad_collate(batch: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad every key of a list of items to one common length: `*labels` with -100, the rest with pad_id.
+
+    One length for all keys lets a DPO step concatenate chosen and rejected into one forward pass. No attention
+    mask is needed: padding is on the right and attention is causal, so real tokens never see pad tokens, and
+    pad positions carry no loss. (Do not derive a mask from `input_ids != pad_id`: the document separator of
+    pretraining is id 0 too.)
+    """
+    length = max(x.numel() for item in batch for x in item.values())
+    out = {}
+    for key in batch[0]:
+        fill = IGNORE_INDEX if key.endswith("labels") else pad_id
+        padded = torch.full((len(batch), length), fill, dtype=torch.long)
+        for row, item in enumerate(batch):
+            padded[row, :item[key].numel()] = item[key]
+        out[key] = padded
+    return out
+
+
+def train_eval_split(dataset: Dataset, eval_fraction: float | None = None, eval_size: int | None = None,
+                     seed: int = 0) -> tuple[Subset, Subset]:
+    """A deterministic held-out split: (train, eval) Subsets; give eval_fraction or eval_size."""
+    if (eval_fraction is None) == (eval_size is None):
+        raise ValueError("give exactly one of eval_fraction or eval_size")
+    n = len(dataset)
+    n_eval = eval_size if eval_size is not None else max(1, round(n * eval_fraction))
+    if not 0 < n_eval < n:
+        raise ValueError(f"eval size {n_eval} must be between 1 and {n - 1} for a dataset of {n} items")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, order[n_eval:]), Subset(dataset, order[:n_eval])

@@ -1,0 +1,180 @@
+"""Download MiniMind's dataset files into dataset/ (resumable, size-checked).  下载 MiniMind 数据集。
+
+    python scripts/download_data.py --list                                     # what there is
+    python scripts/download_data.py pretrain_t2t_mini.jsonl sft_t2t_mini.jsonl # the recommended start
+    python scripts/download_data.py dpo.jsonl --source hf                      # from Hugging Face instead
+    python scripts/download_data.py out.pth --repo gongjy/minimind-3-pytorch --repo_type model --out_dir out
+
+Sources: ModelScope `gongjy/minimind_dataset` (default, fast in China) or Hugging Face
+`jingyaogong/minimind_dataset` (honours HF_ENDPOINT, e.g. https://hf-mirror.com). An interrupted download
+leaves `<file>.part`; running the same command again resumes it with an HTTP Range request. The URL patterns
+below follow the two hubs' documented "resolve" links; they were not tested against the live hubs from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from http.client import HTTPException
+from pathlib import Path
+
+from tqdm import tqdm
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "dataset"
+DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
+CHUNK = 1 << 20
+
+# name: (approximate size, what it is for). Sizes are as published by MiniMind and only shown to help you
+# choose: the check after download uses the exact size the server announces.
+KNOWN_FILES = {
+    # minimind-3 (current)
+    "pretrain_t2t_mini.jsonl": ("1.2 GB", "pretrain, recommended start ({'text'})"),
+    "pretrain_t2t.jsonl": ("10 GB", "pretrain, full set"),
+    "sft_t2t_mini.jsonl": ("1.6 GB", "SFT, recommended (max_seq_len ~768; tools, tool calls, reasoning)"),
+    "sft_t2t.jsonl": ("14 GB", "SFT, full set"),
+    "dpo.jsonl": ("53 MB", "DPO preference pairs ({'chosen', 'rejected'})"),
+    "rlaif.jsonl": ("24 MB", "prompts for RLAIF (PPO/GRPO)"),
+    "agent_rl.jsonl": ("?", "agentic RL prompts (tool use)"),
+    "agent_rl_math.jsonl": ("?", "agentic RL prompts (math)"),
+    # MiniMind2 (older names that tutorials use)
+    "pretrain_hq.jsonl": ("1.6 GB", "MiniMind2 pretrain"),
+    "sft_mini_512.jsonl": ("1.2 GB", "MiniMind2 SFT, recommended (max_seq_len 512)"),
+    "sft_512.jsonl": ("7.5 GB", "MiniMind2 SFT, full, 512 tokens"),
+    "sft_1024.jsonl": ("5.6 GB", "MiniMind2 SFT, 1024 tokens"),
+    "sft_2048.jsonl": ("9 GB", "MiniMind2 SFT, 2048 tokens"),
+    "r1_mix_1024.jsonl": ("340 MB", "MiniMind2 reasoning distillation (R1 style)"),
+    "rlaif-mini.jsonl": ("1 MB", "MiniMind2 RLAIF prompts"),
+    "lora_identity.jsonl": ("23 KB", "LoRA demo: the model's self-introduction"),
+    "lora_medical.jsonl": ("34 MB", "LoRA demo: medical Q&A"),
+}
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def file_url(name: str, source: str = "modelscope", repo: str | None = None, repo_type: str = "dataset",
+             base_url: str | None = None) -> str:
+    """The download URL of one file of a hub repository (or `<base_url>/<name>`)."""
+    if base_url:
+        return f"{base_url.rstrip('/')}/{name}"
+    repo = repo or DEFAULT_REPOS[source]
+    if source == "hf":
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        prefix = "datasets/" if repo_type == "dataset" else ""
+        return f"{endpoint}/{prefix}{repo}/resolve/main/{name}"
+    kind = "datasets" if repo_type == "dataset" else "models"
+    return f"https://www.modelscope.cn/{kind}/{repo}/resolve/master/{name}"
+
+
+def _total_size(response) -> int | None:
+    """Full file size from Content-Range (a 206 answer) or Content-Length (a 200 answer)."""
+    content_range = response.headers.get("Content-Range")
+    if content_range and (m := re.search(r"/(\d+)$", content_range)):
+        return int(m.group(1))
+    length = response.headers.get("Content-Length")
+    return int(length) if length is not None else None
+
+
+def _fetch_into(url: str, part: Path, expected_size: int | None, timeout: float) -> int | None:
+    """Append the rest of `url` to `part` (starting over if the server ignores Range); return the full size."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "minimind-lab"} | ({"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the .part is complete, or stale if larger
+            total = _total_size(e)
+            if total == have:
+                return total
+            part.unlink()
+            return _fetch_into(url, part, expected_size, timeout)
+        hint = " (check the name with --list, or try the other --source)" if e.code == 404 else ""
+        raise DownloadError(f"HTTP {e.code} {e.reason} for {url}{hint}") from None
+    with response:
+        total = _total_size(response)
+        if response.status != 206:
+            have = 0  # the server sent the whole file
+        if expected_size is not None and total is not None and total != expected_size:
+            raise DownloadError(f"{url}: the server announces {total} bytes, expected {expected_size}")
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                            unit_divisor=1024, desc=part.name[:-5]) as bar:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                bar.update(len(chunk))
+    return total
+
+
+def download_file(url: str, dest: Path, expected_size: int | None = None, retries: int = 3,
+                  timeout: float = 60) -> Path:
+    """Download `url` to `dest` through `dest.part`, resuming a previous .part; verify the size, then rename."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            total = _fetch_into(url, part, expected_size, timeout)
+        except (urllib.error.URLError, HTTPException, OSError) as e:
+            total, error = None, e
+        else:
+            have = part.stat().st_size
+            if total is None or have == total:
+                if expected_size is not None and have != expected_size:
+                    part.unlink()
+                    raise DownloadError(f"{url}: got {have} bytes, expected {expected_size}")
+                os.replace(part, dest)
+                return dest
+            if have > total:
+                part.unlink()
+                raise DownloadError(f"{url}: got {have} bytes, more than the announced {total}; removed {part}")
+            error = f"connection ended at {have} of {total} bytes"
+        if attempt < retries:
+            print(f"[download] {error}; retrying ({attempt + 1}/{retries})", file=sys.stderr)
+            time.sleep(min(2 ** attempt, 10))
+    raise DownloadError(f"{url}: {error}. Run the same command again to resume from {part}")
+
+
+def print_list() -> None:
+    print(f"{'file':26} {'size':>7}  purpose")
+    for name, (size, purpose) in KNOWN_FILES.items():
+        print(f"{name:26} {size:>7}  {purpose}")
+    print("\nStart with: pretrain_t2t_mini.jsonl sft_t2t_mini.jsonl dpo.jsonl lora_identity.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", help="file names in the repository (see --list)")
+    parser.add_argument("--list", action="store_true", help="show the known dataset files and exit")
+    parser.add_argument("--source", choices=["modelscope", "hf"], default="modelscope")
+    parser.add_argument("--repo", help="another repository, e.g. gongjy/minimind-3-pytorch for weights")
+    parser.add_argument("--repo_type", choices=["dataset", "model"], default="dataset")
+    parser.add_argument("--base_url", help="download <base_url>/<file> instead (a mirror; used by the tests)")
+    parser.add_argument("--out_dir", type=Path, default=DATA_DIR, help="where to put the files (default: dataset/)")
+    parser.add_argument("--force", action="store_true", help="download again even if the file exists")
+    parser.add_argument("--retries", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.list or not args.files:
+        print_list()
+        return
+    for name in args.files:
+        dest = args.out_dir / name
+        if dest.exists() and not args.force:
+            print(f"[download] {dest} exists, skipped (--force to download again)")
+            continue
+        if name not in KNOWN_FILES and args.repo is None and args.base_url is None:
+            print(f"[download] {name} is not a known file (see --list); trying anyway", file=sys.stderr)
+        url = file_url(name, args.source, args.repo, args.repo_type, args.base_url)
+        print(f"[download] {url} -> {dest}")
+        try:
+            download_file(url, dest, retries=args.retries)
+        except DownloadError as e:
+            sys.exit(f"[download] failed: {e}")
+
+
+if __name__ == "__main__":
+    main()
