@@ -1,0 +1,230 @@
+"""Measure training and generation speed, and print the Markdown tables the README quotes.
+
+    python scripts/bench.py                                  # 26M preset, every comparison, this machine
+    python scripts/bench.py --preset minimind2 --batch_size 32 --seq_len 512 --compare dtype compile
+    python scripts/bench.py --json results.json              # the same numbers for machines
+
+Training rows time one optimizer step (forward, backward, clip, AdamW) on batches of real demo data: warm-up steps
+excluded, ``--repeats`` timings of ``--steps`` steps each, median reported. Each comparison changes one setting
+against the baseline (auto dtype, fused SDPA attention, no compile, fused AdamW where available, packed rows).
+Generation rows time greedy decoding of ``--gen_lengths`` new tokens for one prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from dataset.lm_dataset import PretrainDataset, pad_collate, resolve_data_path
+from model import MiniMindConfig, MiniMindForCausalLM
+from model.flops import flops_per_token, peak_tflops
+from model.loading import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    dtype: str
+    attention: str = "sdpa"  # "sdpa" (fused kernels) or "plain" (matmul + softmax)
+    compile: bool = False
+    fused_adamw: bool = True
+    data: str = "pack"  # "pack": full rows; "pad": one document per row, padded to the batch's longest
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def auto_dtype(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if device.type == "cpu" else "fp32"
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def variants(baseline: Variant, compare: list[str]) -> list[Variant]:
+    rows = [baseline]
+    alternatives = {
+        "dtype": [replace(baseline, name=f"dtype {d}", dtype=d) for d in ("bf16", "fp16", "fp32") if d != baseline.dtype],
+        "attention": [replace(baseline, name="plain attention", attention="plain")],
+        "compile": [replace(baseline, name="torch.compile", compile=True)],
+        "fused": [replace(baseline, name="unfused AdamW", fused_adamw=False)],
+        "data": [replace(baseline, name="pad (one doc per row)", data="pad")],
+    }
+    for key in compare:
+        rows += alternatives[key]
+    return rows
+
+
+def load_batches(tokenizer, batch_size: int, seq_len: int, count: int, device: torch.device) -> dict[str, list[dict]]:
+    """``count`` batches per data mode from the pretrain data (the real file if present, else the bundled demo)."""
+    path = resolve_data_path(None, ["pretrain_hq.jsonl", "pretrain_t2t_mini.jsonl"], "pretrain.jsonl")
+    out = {}
+    for mode in ("pack", "pad"):
+        data = PretrainDataset(path, tokenizer, seq_len, mode=mode)
+        rows = [data[i % len(data)] for i in range(batch_size * count)]
+        out[mode] = [{k: v.to(device) for k, v in pad_collate(rows[i : i + batch_size]).items()}
+                     for i in range(0, len(rows), batch_size)]
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.device, data: list[dict]) -> dict:
+    torch.manual_seed(0)
+    dtype = DTYPES[variant.dtype]
+    if device.type == "cpu" and variant.dtype == "fp16":
+        return {"variant": variant.name, "skipped": "fp16 autocast is unusable on CPU"}
+    model = MiniMindForCausalLM(replace_config(config, flash_attn=variant.attention == "sdpa")).to(device).train()
+    fused = variant.fused_adamw and device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == "fp16")
+    step_model = torch.compile(model) if variant.compile else model
+    autocast = torch.autocast(device.type, dtype=dtype) if variant.dtype != "fp32" else nullcontext()
+
+    def step(batch: dict) -> None:
+        with autocast:
+            loss = step_model(batch["input_ids"], labels=batch["labels"]).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    for i in range(args.warmup):
+        step(data[i % len(data)])
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        for i in range(args.steps):
+            step(data[i % len(data)])
+        sync(device)
+        times.append((time.perf_counter() - start) / args.steps)
+    step_time = statistics.median(times)
+    tokens = sum(b["input_ids"].numel() for b in data) / len(data)
+    real = sum(int((b["labels"] != -100).sum()) for b in data) / len(data)
+    row = {
+        "variant": variant.name, "step_ms": step_time * 1e3, "tok_s": tokens / step_time, "real_tok_s": real / step_time,
+        "peak_mem_gb": peak_memory_gb(device),
+    }
+    peak = peak_tflops(device, args.peak_tflops)
+    if peak:
+        row["mfu"] = flops_per_token(config, args.seq_len) * row["tok_s"] / (peak * 1e12)
+    return row
+
+
+def replace_config(config: MiniMindConfig, **changes) -> MiniMindConfig:
+    return MiniMindConfig(**{**config.to_dict(), **changes})
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: the allocator's peak since the timed steps began. CPU/MPS: the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@torch.inference_mode()
+def bench_generate(config: MiniMindConfig, args, device: torch.device) -> list[dict]:
+    dtype = DTYPES[auto_dtype(device)] if device.type != "cpu" else torch.float32
+    model = MiniMindForCausalLM(config).to(device, dtype).eval()
+    prompt = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for length in args.gen_lengths:
+        for cache in ("dynamic", "static", "none"):
+            kwargs = dict(max_new_tokens=length, min_new_tokens=length, do_sample=False, pad_token_id=0)
+            if cache == "none":
+                kwargs["use_cache"] = False
+            elif cache == "static":
+                kwargs["cache_implementation"] = "static"
+            model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+            times = []
+            for _ in range(args.repeats):
+                sync(device)
+                start = time.perf_counter()
+                out = model.generate(prompt, **kwargs)
+                sync(device)
+                times.append(time.perf_counter() - start)
+            assert out.shape[1] == prompt.shape[1] + length
+            rows.append({"new_tokens": length, "kv_cache": cache, "tok_s": length / statistics.median(times)})
+    return rows
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [("—" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in columns]
+        if "skipped" in row:
+            cells = [row["variant"], f"skipped: {row['skipped']}"] + [""] * (len(columns) - 2)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="minimind2-small")
+    p.add_argument("--hidden_size", type=int)
+    p.add_argument("--num_hidden_layers", type=int)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=512)
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=list(DTYPES), help="baseline dtype (default: bf16 on CUDA/CPU, fp32 on MPS)")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compare", nargs="*", default=["dtype", "attention", "compile", "fused", "data"],
+                   choices=["dtype", "attention", "compile", "fused", "data"])
+    p.add_argument("--gen_lengths", type=int, nargs="*", default=[64, 256])
+    p.add_argument("--peak_tflops", type=float, help="GPU bf16 peak for MFU when the name is not in the table")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    device = pick_device(args.device)
+    overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_hidden_layers)) if v}
+    config = MiniMindConfig.from_preset(args.preset, **overrides)
+    baseline = Variant("baseline", args.dtype or auto_dtype(device))
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    print(f"# {args.preset} ({MiniMindForCausalLM(config).params_summary()}), batch {args.batch_size} × "
+          f"{args.seq_len} tokens, {gpu}, torch {torch.__version__}, baseline {asdict(baseline)}\n")
+
+    data = load_batches(load_tokenizer(), args.batch_size, args.seq_len, 4, device)
+    train = [bench_train(v, config, args, device, data[v.data]) for v in variants(baseline, args.compare)]
+    print(markdown(train, [("variant", "training", "{}"), ("step_ms", "step (ms)", "{:.0f}"),
+                           ("tok_s", "tokens/s", "{:,.0f}"), ("real_tok_s", "non-pad tokens/s", "{:,.0f}"),
+                           ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem (GiB)", "{:.2f}")]))
+    generation = bench_generate(config, args, device) if args.gen_lengths else []
+    print()
+    print(markdown(generation, [("new_tokens", "new tokens", "{}"), ("kv_cache", "KV cache", "{}"),
+                                ("tok_s", "generation tokens/s", "{:,.1f}")]))
+    results = {"device": gpu, "torch": torch.__version__, "preset": args.preset, "config": overrides,
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "train": train, "generate": generation}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

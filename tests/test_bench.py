@@ -1,0 +1,36 @@
+"""bench.py runs on CPU in a tiny configuration and prints well-formed tables (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_prints_markdown_tables_and_json(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--hidden_size", "64", "--num_hidden_layers", "2",
+         "--batch_size", "2", "--seq_len", "32", "--steps", "1", "--repeats", "1", "--warmup", "1",
+         "--gen_lengths", "4", "--compare", "dtype", "attention", "data", "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    tables, current = [], []
+    for line in out.stdout.splitlines() + [""]:  # a table is a run of consecutive lines starting with "|"
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables, current = tables + ["\n".join(current)], []
+    assert len(tables) == 2
+    for table in tables:
+        rows = [line for line in table.strip().splitlines()]
+        assert rows[1].startswith("|---")
+        assert len({row.count("|") for row in rows}) == 1  # every row has the header's column count
+    train_rows = tables[0].strip().splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in train_rows] == [
+        "baseline", "dtype fp16", "dtype fp32", "plain attention", "pad (one doc per row)"]
+    results = json.loads((tmp_path / "r.json").read_text())
+    measured = [r for r in results["train"] if "skipped" not in r]
+    assert all(r["tok_s"] > 0 and r["real_tok_s"] <= r["tok_s"] for r in measured)
+    assert {(r["new_tokens"], r["kv_cache"]) for r in results["generate"]} == {(4, "dynamic"), (4, "static"), (4, "none")}
