@@ -5,7 +5,13 @@ Everything that reads or writes a checkpoint (trainers, eval_llm.py, scripts/, n
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.model_minimind import MiniMindConfig
+from model.model_minimind import PRESETS, MiniMindConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "out"
@@ -85,12 +91,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     A file of another shape fails with one message naming each mismatched parameter, both shapes, and the config
     the file needs, never a silent ``strict=False``. Tied ``lm_head.weight`` may be absent from the file.
     """
-    state = read_state_dict(path)
+    return load_state_dict_into(model, read_state_dict(path), path)
+
+
+def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> nn.Module:
+    """``load_weights`` for tensors already in memory (e.g. read from a transformers folder); ``source`` names them."""
     own = model.state_dict()
     tied = getattr(model, "_tied_weights_keys", None) or {}
-    for key, source in tied.items():  # checkpoints may store the tied head or omit it
-        if key not in state and source in state:
-            state[key] = state[source]
+    for key, tied_to in tied.items():  # checkpoints may store the tied head or omit it
+        if key not in state and tied_to in state:
+            state[key] = state[tied_to]
     problems = [
         f"  {k}: file has {tuple(v.shape)}, model has {tuple(own[k].shape)}"
         for k, v in state.items() if k in own and v.shape != own[k].shape
@@ -98,7 +108,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if problems or missing or unexpected:
-        lines = [f"checkpoint {path} does not fit this model ({_describe(model)})."]
+        lines = [f"checkpoint {source} does not fit this model ({_describe(model)})."]
         lines += ["Shape mismatches:", *problems] if problems else []
         lines += [f"Missing from the file: {_short(missing)}"] if missing else []
         lines += [f"Not in the model: {_short(unexpected)}"] if unexpected else []
@@ -156,3 +166,328 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer in {folder} (expected tokenizer.json / tokenizer_config.json)")
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A model for inference: stage name / .pth / transformers folder (+ LoRA) -> (model, tokenizer)
+
+# The training script that writes each stage's checkpoint, for "make it with ..." messages.
+TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
+                 "lora": "train_lora.py", "reason": "train_distill_reason.py"}
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.
+YARN_16X = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1,
+            "attention_factor": 1.0}
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def inference_dtype(device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    """``auto``: bf16 on CUDA (fp16 on GPUs without bf16), fp16 on MPS, fp32 on CPU (fp16 matmuls crawl on CPUs)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype and dtype != "auto":
+        return getattr(torch, dtype)
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if kind == "mps" else torch.float32
+
+
+def load_model(
+    weight: str | os.PathLike = "full_sft",
+    *,
+    hidden_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    use_moe: bool | None = None,
+    preset: str | None = None,
+    lora: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    directory: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    rope_scaling: dict | None = None,
+):
+    """The model (eval mode, on ``device``) and its tokenizer, from any of:
+
+    - a stage name, as MiniMind names checkpoints: ``"full_sft"`` -> ``<directory>/full_sft_512.pth`` (the shape
+      flags pick the suffix: ``hidden_size``/``use_moe``/``preset``; default 512 dense);
+    - a path to a ``.pth`` / ``.safetensors`` state dict (ours or an official MiniMind one);
+    - a transformers folder (``config.json`` + weights): ours (``minimind``), or a ``llama``/``qwen3`` one of a
+      shape this model can hold (what ``save_transformers`` writes, and what MiniMind's released folders hold).
+
+    The file decides the shape: the config is read off the tensors, so ``--weight full_sft --hidden_size 768`` loads
+    the 16-layer MiniMind2 without ``--num_hidden_layers 16``; flags that disagree with the file get a note on
+    stderr. Fields the tensors cannot tell (RMSNorm eps, MoE top-k) come from ``preset`` or from the preset of the
+    same shape. ``lora``: a LoRA name (``out/lora/lora_<name>_<suffix>.pth``) or path, merged into the weights (same
+    outputs as the unmerged adapter, no extra cost per token). ``tokenizer``: a folder (default: the folder's own,
+    else ours in ``model/``; MiniMind's official weights work with either, the special ids are the same).
+    ``rope_scaling``: e.g. ``YARN_16X`` to extend the context at inference (MiniMind's --inference_rope_scaling).
+    """
+    from model.generation import stop_token_ids
+    from model.model_minimind import MiniMindForCausalLM
+
+    source = find_weights(weight, hidden_size=hidden_size, use_moe=use_moe, preset=preset, directory=directory)
+    if source.is_dir():
+        config, state = read_transformers_folder(source)
+    else:
+        state = read_state_dict(source)
+        config = config_for_state_dict(state, source, hidden_size=hidden_size,
+                                       num_hidden_layers=num_hidden_layers, use_moe=use_moe, preset=preset)
+    if rope_scaling:
+        config.rope_scaling = rope_scaling
+    model = MiniMindForCausalLM(config)
+    load_state_dict_into(model, state, source)
+    if lora:
+        _merge_lora_file(model, lora, directory)
+    if tokenizer is None and source.is_dir() and (source / "tokenizer_config.json").is_file():
+        tokenizer = source
+    tok = load_tokenizer(tokenizer)
+    device = device or best_device()
+    model = model.to(device=device, dtype=inference_dtype(device, dtype)).eval()
+    # Saved with the model by save_pretrained, so exported folders stop at <|im_end|> too (no endless generation).
+    model.generation_config.eos_token_id = stop_token_ids(tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def find_weights(
+    weight: str | os.PathLike,
+    hidden_size: int | None = None,
+    use_moe: bool | None = None,
+    preset: str | None = None,
+    directory: str | os.PathLike | None = None,
+) -> Path:
+    """The file or folder ``weight`` names; a missing one fails naming the path and the command that makes it."""
+    text = str(weight)
+    if Path(text).suffix in WEIGHT_SUFFIXES or "/" in text or os.sep in text or Path(text).expanduser().exists():
+        path = resolve_path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        return path
+    stage = text
+    shape = dict(PRESETS[preset]) if preset else {}
+    shape.update({k: v for k, v in (("hidden_size", hidden_size), ("use_moe", use_moe)) if v is not None})
+    shape.setdefault("hidden_size", 512)
+    path = checkpoint_path(stage, MiniMindConfig(**shape), directory)
+    if path.is_file():
+        return path
+    others = sorted(p for p in path.parent.glob(f"{stage}_*.pth") if re.fullmatch(rf"{re.escape(stage)}_\d+(_moe)?\.pth", p.name))
+    if len(others) == 1 and hidden_size is None and use_moe is None and preset is None:
+        print(f"note: using {others[0]} (the only {stage} checkpoint there)", file=sys.stderr)
+        return others[0]
+    lines = [f"no checkpoint {path}."]
+    for other in others:
+        hidden, moe = re.fullmatch(rf"{re.escape(stage)}_(\d+)(_moe)?\.pth", other.name).groups()
+        lines.append(f"Found {other}: load it with --hidden_size {hidden} --use_moe {int(bool(moe))}")
+    flags = f"--hidden_size {shape['hidden_size']} --use_moe {int(bool(shape.get('use_moe')))}"
+    script = TRAIN_SCRIPTS.get(stage, f"train_{stage}.py")
+    lines.append(f"Make it with: python trainer/{script} {flags} (add --out_dir if you train elsewhere),")
+    lines.append("or put MiniMind's released .pth there (ModelScope gongjy/minimind-3-pytorch), or pass a path or a "
+                 "transformers folder (eval_llm.py --load_from DIR).")
+    raise FileNotFoundError("\n".join(lines))
+
+
+def config_for_state_dict(
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike = "checkpoint",
+    hidden_size: int | None = None,
+    num_hidden_layers: int | None = None,
+    use_moe: bool | None = None,
+    preset: str | None = None,
+) -> MiniMindConfig:
+    """The config that fits ``state``: its shape read off the tensors, the rest from the preset (given, or the one
+    of the same shape). Typed shape flags that disagree with the file get a note: the file wins."""
+    try:
+        found = infer_config_from_state_dict(state)
+    except (KeyError, ValueError, IndexError):
+        raise ValueError(f"{source} is not a MiniMind checkpoint (no model.embed_tokens.weight / model.layers.* "
+                         "tensors); a LoRA file goes to --lora_weight") from None
+    for flag, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers), ("use_moe", use_moe)):
+        if value is not None and value != found[flag]:
+            print(f"note: {source} has --{flag} {int(found[flag])}, not {int(value)}: using the file's shape",
+                  file=sys.stderr)
+    fields = {**(PRESETS[preset] if preset else _preset_of_shape(found)), **found}
+    # Heads: with q/k-norm the file tells head_dim; otherwise it cannot, and MiniMind's 8 heads (or the preset's)
+    # are assumed, as every trainer here builds them.
+    head_dim = fields.get("head_dim") or fields["hidden_size"] // fields.get("num_attention_heads", 8)
+    fields["head_dim"] = head_dim
+    fields["num_attention_heads"] = state["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim
+    fields["num_key_value_heads"] = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
+    return MiniMindConfig(**fields)
+
+
+def _preset_of_shape(found: dict[str, Any]) -> dict[str, Any]:
+    """The preset with the shape read off a checkpoint (hidden, layers, MoE, q/k-norm, shared experts), or {}."""
+    keys = ("hidden_size", "num_hidden_layers", "use_moe", "qk_norm", "n_shared_experts")
+    defaults = dict(use_moe=False, qk_norm=False, n_shared_experts=found.get("n_shared_experts"))
+    for preset in PRESETS.values():
+        if all(preset.get(k, defaults.get(k)) == found.get(k) for k in keys):
+            return preset
+    return {}
+
+
+def _merge_lora_file(model: nn.Module, lora: str | os.PathLike, directory: str | os.PathLike | None) -> None:
+    from model.model_lora import load_lora, lora_path, merge_lora
+
+    text = str(lora)
+    is_path = Path(text).suffix in WEIGHT_SUFFIXES or "/" in text or os.sep in text
+    path = resolve_path(text) if is_path else lora_path(text, model.config, directory)
+    if not path.is_file():
+        raise FileNotFoundError(f"no LoRA file {path}. Make it with: python trainer/train_lora.py --lora_name {text} "
+                                f"--hidden_size {model.config.hidden_size} --use_moe {int(model.config.use_moe)}")
+    load_lora(model, path)
+    merge_lora(model)
+
+
+def read_transformers_folder(folder: str | os.PathLike) -> tuple[MiniMindConfig, dict[str, torch.Tensor]]:
+    """Config and tensors of a transformers folder: ``minimind``, or ``llama``/``qwen3`` (same tensor names)."""
+    from transformers import AutoConfig
+
+    folder = resolve_path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a transformers folder (no config.json)")
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    if model_type == "minimind":
+        config = MiniMindConfig.from_pretrained(str(folder))
+    else:
+        config = config_from_transformers(AutoConfig.from_pretrained(str(folder)))
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weights in {folder} (expected *.safetensors or pytorch_model*.bin)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(read_state_dict(file))
+    return config, state
+
+
+def config_from_transformers(hf: Any) -> MiniMindConfig:
+    """A ``LlamaConfig`` / ``Qwen3Config`` as our config; refuses what this model cannot compute (biases, other RoPE
+    kinds, sliding windows) rather than load it into something that computes different numbers."""
+    if hf.model_type not in ("llama", "qwen3"):
+        raise ValueError(f"model_type {hf.model_type!r} is not one this repo can load (minimind, llama, qwen3)")
+    unsupported = [name for name in ("attention_bias", "mlp_bias", "use_sliding_window") if getattr(hf, name, False)]
+    if getattr(hf, "hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf.hidden_act}")
+    rope = dict(hf.rope_parameters or {})
+    rope_type, theta = rope.pop("rope_type", "default"), rope.pop("rope_theta", 10000.0)
+    if rope_type not in ("default", "yarn"):
+        unsupported.append(f"rope_type={rope_type}")
+    if unsupported:
+        raise ValueError(f"this {hf.model_type} config uses {', '.join(unsupported)}, which MiniMind does not have")
+    fields = {k: getattr(hf, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+              "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")}
+    fields["head_dim"] = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return MiniMindConfig(**fields, qk_norm=hf.model_type == "qwen3", rope_theta=theta,
+                          rope_scaling={"type": "yarn", **rope} if rope_type == "yarn" else None)
+
+
+def config_to_transformers(config: MiniMindConfig):
+    """Our dense config as a stock ``LlamaConfig`` (or ``Qwen3Config`` with q/k-norm), transformers-5 fields."""
+    from transformers import LlamaConfig, Qwen3Config
+
+    if config.use_moe:
+        raise ValueError("MoE has no stock transformers class of this layout; save it with save_pretrained")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling:
+        rope = {**{k: v for k, v in config.rope_scaling.items() if k not in ("type", "rope_type")}, **rope,
+                "rope_type": "yarn"}
+        rope.setdefault("original_max_position_embeddings", 2048)  # our default (rope_inv_freq), made explicit
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope, tie_word_embeddings=config.tie_word_embeddings, attention_bias=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if config.qk_norm:
+        return Qwen3Config(**fields, use_sliding_window=False)
+    return LlamaConfig(**fields, mlp_bias=False)
+
+
+def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write ``model`` as a transformers folder: safetensors, config, generation config, tokenizer, chat template.
+
+    Dense models become a stock ``LlamaForCausalLM`` (q/k-norm: ``Qwen3ForCausalLM``), loadable by
+    ``AutoModelForCausalLM`` without ``trust_remote_code`` and by llama.cpp's ``convert_hf_to_gguf.py``. MoE is saved
+    as our own class (``model_type: minimind``): it loads where this repo is installed, or with
+    ``trust_remote_code=True`` anywhere (``model_minimind.py`` is copied beside it and named in ``auto_map``).
+    """
+    from transformers import GenerationConfig, LlamaForCausalLM, Qwen3ForCausalLM
+
+    from model.generation import stop_token_ids
+
+    folder = resolve_path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)
+    if model.config.use_moe:
+        out = copy.deepcopy(model).to("cpu", dtype)
+        out.config.auto_map = {"AutoConfig": "model_minimind.MiniMindConfig",
+                               "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"}
+        shutil.copy(Path(__file__).with_name("model_minimind.py"), folder / "model_minimind.py")
+    else:
+        hf_config = config_to_transformers(model.config)
+        out = (Qwen3ForCausalLM if model.config.qk_norm else LlamaForCausalLM)(hf_config)
+        out.load_state_dict({k: v.to("cpu") for k, v in model.state_dict().items()}, strict=True)
+        out = out.to(dtype)
+    # eos [<|im_end|>, <|endoftext|>]: without it, generate() runs to max_length (MiniMind users' "endless" replies).
+    out.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=stop_token_ids(tokenizer), pad_token_id=0,
+                                             do_sample=True, temperature=0.85, top_p=0.85, max_new_tokens=512)
+    out.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    _portable_tokenizer_config(folder / "tokenizer_config.json")
+    return folder
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make tokenizer_config.json loadable by transformers 4.x too (llama.cpp's converter pins 4.57): transformers 5
+    writes ``"tokenizer_class": "TokenizersBackend"`` and a list-typed ``extra_special_tokens``, 4.x knows neither."""
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):  # how this copy was loaded, not a property of the tokenizer
+        config.pop(key, None)
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list) and extra:
+        config["additional_special_tokens"] = extra
+    elif isinstance(extra, dict) and extra:
+        config["extra_special_tokens"] = extra
+    path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags that pick a model, as MiniMind's eval_llm.py spells them; read them back with ``model_from_args``."""
+    g = parser.add_argument_group("model (which weights; 加载哪个模型)")
+    g.add_argument("--weight", default="full_sft",
+                   help="stage name (out/<weight>_<hidden>[_moe].pth: pretrain, full_sft, dpo, ...) or a .pth path")
+    g.add_argument("--load_from", default="model",
+                   help="'model': our .pth weights (--weight); else a transformers folder (save_pretrained / converted)")
+    g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (names the file like its flags)")
+    g.add_argument("--hidden_size", type=int, default=None, help="picks the file suffix (default 512)")
+    g.add_argument("--num_hidden_layers", type=int, default=None, help="optional: the file's own shape is used")
+    g.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="picks the _moe file (default 0)")
+    g.add_argument("--lora_weight", default="None", help="LoRA name (out/lora/lora_<name>_<hidden>.pth) or path")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the transformers folder's, else model/)")
+    g.add_argument("--out_dir", "--save_dir", dest="out_dir", default="out", help="where stage names are looked up")
+    g.add_argument("--inference_rope_scaling", action="store_true", help="YaRN x16 context extension (长文本外推)")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best there is)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on CUDA, fp16 on MPS, fp32 on CPU")
+    return parser
+
+
+def model_from_args(args: argparse.Namespace):
+    """``load_model`` with the flags of ``add_model_args``."""
+    lora = None if args.lora_weight in (None, "", "None", "none") else args.lora_weight
+    return load_model(
+        args.weight if args.load_from == "model" else args.load_from,
+        hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        use_moe=None if args.use_moe is None else bool(args.use_moe), preset=args.preset, lora=lora,
+        tokenizer=args.tokenizer, directory=args.out_dir, device=args.device, dtype=args.dtype,
+        rope_scaling=YARN_16X if args.inference_rope_scaling else None,
+    )

@@ -1,0 +1,172 @@
+"""Chat with a trained model, or run it over eight fixed prompts.  与模型对话，或用八个固定问题自动测试。
+
+    python eval_llm.py --weight full_sft                     # out/full_sft_512.pth; asks: [0] auto test [1] chat
+    python eval_llm.py --weight pretrain --mode auto         # a pretrained model continues text (no chat template)
+    python eval_llm.py --weight full_sft --lora_weight identity --history_cnt 4
+    python eval_llm.py --load_from out/full_sft_512-hf       # a transformers folder (scripts/convert_model.py)
+    python eval_llm.py --weight ~/Downloads/full_sft_512.pth --tokenizer ~/minimind/model   # MiniMind's weights
+    printf '你好\\n/clear\\n1+1=?\\n' | python eval_llm.py --temperature 0    # scripted: prompts from stdin
+
+In a chat: /clear forgets the history (清空历史), /exit or Ctrl-D quits (退出), Ctrl-C stops a reply (中断回答).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from model.generation import ReplyStream, chat_prompt, generation_config, plain_prompt
+from model.loading import add_model_args, model_from_args
+from scripts.metrics import ngram_repetition
+
+# The eight prompts MiniMind's users compare models on (our wording): skills, sky, code, biology, weather,
+# comparison, a definition, food. Pretrained models get openings on the same topics to continue.
+CHAT_PROMPTS = [
+    "你有哪些拿手的本领？",
+    "天空为什么看起来是蓝色的？",
+    "请用Python写一个计算斐波那契数列的函数。",
+    "简单解释一下光合作用是怎么回事。",
+    "你觉得明天会下雨吗？",
+    "比较一下猫和狗作为宠物各有什么优缺点。",
+    "什么是机器学习？请通俗地讲一讲。",
+    "推荐几道有代表性的中国美食，并说说它们的特点。",
+]
+PLAIN_PROMPTS = [
+    "我最擅长的事情是",
+    "天空之所以呈现蓝色，是因为",
+    "用Python计算斐波那契数列，可以这样写：",
+    "光合作用是植物",
+    "明天会不会下雨，要看",
+    "猫和狗是人类最常见的两种宠物，",
+    "机器学习是人工智能的一个分支，",
+    "中国美食种类繁多，",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("generation (生成参数)")
+    g.add_argument("--max_new_tokens", type=int, default=2048, help="reply length cap in tokens (MiniMind: 8192)")
+    g.add_argument("--temperature", type=float, default=0.85, help="0: greedy (deterministic)")
+    g.add_argument("--top_p", type=float, default=0.85)
+    g.add_argument("--top_k", type=int, default=0, help="0: off")
+    g.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeats (e.g. 1.1)")
+    g.add_argument("--num_beams", type=int, default=1, help="> 1: beam search (replies then arrive whole)")
+    g.add_argument("--seed", type=int, default=None, help="fix the sampling seed (default: a fresh one)")
+    c = p.add_argument_group("session (会话)")
+    c.add_argument("--mode", choices=["auto", "chat"], default=None,
+                   help="auto: the eight fixed prompts; chat: your prompts (default: ask, or chat when stdin is piped)")
+    c.add_argument("--history_cnt", type=int, default=0,
+                   help="past messages kept in a chat, as MiniMind counts them: 2 = the last question and answer")
+    c.add_argument("--plain", action="store_true", help="continue text without the chat template (auto for pretrain)")
+    c.add_argument("--show_speed", type=int, default=1, choices=[0, 1], help="print tokens/s after each reply")
+    args = p.parse_args(argv)
+    if args.history_cnt < 0 or args.history_cnt % 2:
+        p.error("--history_cnt counts messages, a question and its answer being 2: use 0, 2, 4, ...")
+    if args.max_new_tokens < 1 or args.num_beams < 1:
+        p.error("--max_new_tokens and --num_beams must be at least 1")
+    return args
+
+
+def read_prompts(interactive: bool) -> Iterator[str]:
+    """Lines typed at the terminal, or lines of piped stdin (echoed, so the transcript reads like a chat)."""
+    if not interactive:
+        try:
+            for line in sys.stdin:
+                if line.strip():
+                    print(f"👶: {line.strip()}")
+                    yield line.strip()
+        except KeyboardInterrupt:  # Ctrl-C while a script feeds us: stop quietly
+            pass
+        return
+    while True:
+        try:
+            text = input("👶: ").strip()
+        except EOFError:  # Ctrl-D
+            print()
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as in Python's REPL
+            print()
+            continue
+        if text:
+            yield text
+
+
+def respond(model, tokenizer, prompt: str, config, show_speed: bool) -> str | None:
+    """Stream one reply to stdout; None when Ctrl-C cut it short."""
+    stream = ReplyStream(model, tokenizer, prompt, config)
+    pieces = iter(stream)
+    print("🤖: ", end="", flush=True)
+    try:
+        for piece in pieces:
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [interrupted / 已中断]")
+        return None
+    finally:
+        pieces.close()  # stops generation now if the loop was left early
+    print()
+    if show_speed:
+        print(f"[{stream.completion_tokens} tokens, {stream.tokens_per_second:.1f} tokens/s]")
+    return stream.text
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = model_from_args(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    source = args.weight if args.load_from == "model" else args.load_from
+    plain = args.plain or Path(source).name.startswith("pretrain")
+    print(f"{model.params_summary()} | {model.device} {str(model.dtype).removeprefix('torch.')} | "
+          f"{'plain continuation' if plain else 'chat'}", file=sys.stderr)
+    config = generation_config(tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                               args.repetition_penalty, args.num_beams)
+    mode = args.mode
+    if mode is None:
+        mode = "chat" if not sys.stdin.isatty() else (
+            "auto" if input("[0] 自动测试 auto test\n[1] 手动对话 chat\n> ").strip() == "0" else "chat")
+
+    if mode == "auto":
+        replies = []
+        for text in PLAIN_PROMPTS if plain else CHAT_PROMPTS:
+            print(f"👶: {text}")
+            prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, [{"role": "user", "content": text}])
+            reply = respond(model, tokenizer, prompt, config, bool(args.show_speed))
+            replies.append(reply or "")
+            print()
+        mean_len = sum(map(len, replies)) / len(replies)
+        mean_rep = sum(ngram_repetition(r) for r in replies) / len(replies)
+        print(f"mean reply length {mean_len:.1f} characters, mean 4-gram repetition {mean_rep:.3f} (characters)")
+        return
+
+    print("/clear: forget the history 清空历史 · /exit or Ctrl-D: quit 退出 · Ctrl-C: stop a reply 中断回答",
+          file=sys.stderr)
+    messages: list[dict[str, str]] = []
+    for text in read_prompts(sys.stdin.isatty()):
+        if text == "/exit":
+            break
+        if text == "/clear":
+            messages = []
+            print("(history cleared / 历史已清空)")
+            continue
+        messages = messages[-args.history_cnt:] if args.history_cnt else []
+        messages.append({"role": "user", "content": text})
+        prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, messages)
+        reply = respond(model, tokenizer, prompt, config, bool(args.show_speed))
+        if reply is None:
+            messages.pop()  # an interrupted turn is not part of the history
+        else:
+            messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Text generation shared by eval_llm.py, the OpenAI-style server and notebooks: thin helpers over HF ``generate``.
+
+    config = generation_config(tokenizer, max_new_tokens=256, temperature=0.85, top_p=0.85)
+    reply = ReplyStream(model, tokenizer, chat_prompt(tokenizer, messages), config)
+    for piece in reply:                 # text as it is generated (a worker thread runs generate)
+        print(piece, end="", flush=True)
+    reply.completion_tokens, reply.tokens_per_second, reply.finish_reason
+
+Generation stops at ``<|im_end|>`` or ``<|endoftext|>`` (both are eos ids), or after ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # ids 2 and 0 in MiniMind's tokenizer and ours
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The ids that end a reply: ``<|im_end|>`` (end of a turn) and ``<|endoftext|>`` (end of a document)."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in STOP_TOKENS if t in vocab]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids or [2, 0]
+
+
+def generation_config(
+    tokenizer: Any,
+    max_new_tokens: int = 512,
+    temperature: float = 0.85,
+    top_p: float = 0.85,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    num_beams: int = 1,
+) -> GenerationConfig:
+    """Sampling settings with the stop ids filled in. ``temperature <= 0`` means greedy (argmax); ``top_k=0`` is off."""
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+    common = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, num_beams=num_beams,
+                  repetition_penalty=repetition_penalty, bos_token_id=tokenizer.bos_token_id)
+    if temperature <= 0:
+        # Leave the sampling fields unset: transformers warns about them when do_sample is False.
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """ChatML text for ``messages`` ending with an open assistant turn (``<|im_start|>assistant\\n``)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def plain_prompt(tokenizer: Any, text: str) -> str:
+    """A pretrained (not chat-tuned) model continues text: prepend bos as pretraining documents begin with it."""
+    return (tokenizer.bos_token or "") + text
+
+
+class _Cancel(StoppingCriteria):
+    """Lets the caller stop a running ``generate`` (Ctrl-C in the chat, a client that hung up on the server)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _CountingStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer that also counts the generated tokens and remembers the last one."""
+
+    def __init__(self, tokenizer: Any):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.count, self.last = 0, None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.next_tokens_are_prompt:  # the first call carries the prompt
+            self.count += value.numel()
+            self.last = int(value.reshape(-1)[-1])
+        super().put(value)
+
+
+class ReplyStream:
+    """One reply, generated in a worker thread and read as text pieces by iterating.
+
+    Leaving the loop early (break, Ctrl-C, a closed HTTP stream) stops generation at the next token. After the loop:
+    ``text``, ``prompt_tokens``, ``completion_tokens``, ``seconds``, ``tokens_per_second`` and ``finish_reason``
+    (``"stop"`` at a stop token, ``"length"`` at ``max_new_tokens``). Beam search cannot stream in transformers:
+    with ``num_beams > 1`` the whole reply arrives as one piece.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, prompt: str, config: GenerationConfig):
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+        self.prompt_tokens = self.input_ids.shape[1]
+        self.completion_tokens, self.seconds, self.text, self.finish_reason = 0, 0.0, "", "stop"
+        self._cancel = threading.Event()
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        start = time.perf_counter()
+        pieces: list[str] = []
+        source = self._beam_search() if self.config.num_beams > 1 else self._stream()
+        try:
+            for piece in source:
+                pieces.append(piece)
+                yield piece
+        finally:
+            source.close()  # now, in this thread: stops the worker if we were left early
+            self.seconds = time.perf_counter() - start
+            self.text = "".join(pieces)
+
+    def _generate(self, **kwargs: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.generate(
+                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=self.config,
+                stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel)]), **kwargs,
+            )
+
+    def _stream(self) -> Iterator[str]:
+        streamer = _CountingStreamer(self.tokenizer)
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                self._generate(streamer=streamer)
+            except BaseException as e:  # re-raised in the reading thread; end() unblocks its loop
+                errors.append(e)
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        try:
+            yield from (piece for piece in streamer if piece)  # the streamer emits "" while a word is incomplete
+        finally:
+            self._cancel.set()  # no-op when generation already ended; else it stops at the next token
+            worker.join()
+            self.completion_tokens = streamer.count
+            self._set_finish_reason(streamer.last)
+        if errors:
+            raise errors[0]
+
+    def _beam_search(self) -> Iterator[str]:
+        new = self._generate()[0, self.prompt_tokens:]
+        self.completion_tokens = len(new)
+        self._set_finish_reason(int(new[-1]) if len(new) else None)
+        yield self.tokenizer.decode(new, skip_special_tokens=True)
+
+    def _set_finish_reason(self, last: int | None) -> None:
+        stops = self.config.eos_token_id
+        stops = stops if isinstance(stops, list) else [stops]
+        self.finish_reason = "stop" if last in stops or self.completion_tokens < self.config.max_new_tokens else "length"

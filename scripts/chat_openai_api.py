@@ -1,0 +1,51 @@
+"""Chat with scripts/serve_openai_api.py through the official ``openai`` client, streamed.  用 openai 客户端对话。
+
+    python scripts/serve_openai_api.py --weight full_sft      # in one terminal
+    python scripts/chat_openai_api.py                         # in another; /clear, /exit or Ctrl-D as in eval_llm.py
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from openai import OpenAI
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base_url", default="http://127.0.0.1:8998/v1")
+    p.add_argument("--model", default="minimind")
+    p.add_argument("--temperature", type=float, default=0.85)
+    p.add_argument("--max_tokens", type=int, default=512)
+    p.add_argument("--history_cnt", type=int, default=0, help="past messages sent along (2 = last question + answer)")
+    args = p.parse_args()
+    client = OpenAI(base_url=args.base_url, api_key="none")  # the server checks no key; the client wants one
+    messages: list[dict[str, str]] = []
+    while True:
+        try:
+            text = input("👶: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/clear":
+            messages = []
+            continue
+        messages = (messages[-args.history_cnt:] if args.history_cnt else []) + [{"role": "user", "content": text}]
+        stream = client.chat.completions.create(model=args.model, messages=messages, stream=True,
+                                                temperature=args.temperature, max_tokens=args.max_tokens)
+        print("🤖: ", end="", flush=True)
+        reply = ""
+        for chunk in stream:
+            piece = (chunk.choices[0].delta.content or "") if chunk.choices else ""  # a usage-only chunk has none
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+if __name__ == "__main__":
+    main()

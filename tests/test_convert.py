@@ -1,0 +1,106 @@
+"""scripts/convert_model.py: ours -> transformers -> ours is exact, and the folder works in plain transformers."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from model.generation import chat_prompt, generation_config
+from model.loading import REPO_ROOT, load_model, load_tokenizer, save_transformers, save_weights
+from tests.test_eval_llm import needs_tokenizer, tiny_checkpoint
+
+pytestmark = needs_tokenizer
+YARN = {"type": "yarn", "factor": 8, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1}
+VARIANTS = {"llama": {}, "llama-yarn": dict(rope_scaling=YARN), "qwen3": dict(qk_norm=True), "moe": dict(use_moe=True)}
+ARCHITECTURE = {"llama": "LlamaForCausalLM", "llama-yarn": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "moe": "MiniMindForCausalLM"}
+
+# Runs where our package is never imported: only transformers' own classes (or trust_remote_code) can load.
+PLAIN_TRANSFORMERS = r"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+results = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=name == "moe").eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = tok.apply_chat_template([{"role": "user", "content": "天空为什么是蓝色的"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=ids.ne(-1), max_new_tokens=12, do_sample=False)
+    results[name] = dict(cls=type(model).__name__, new=out[0, ids.shape[1]:].tolist(), prompt=ids[0].tolist(),
+                         tied=model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr())
+assert not any(m == "model" or m.startswith("model.") for m in sys.modules), "our package got imported"
+print(json.dumps(results))
+"""
+
+
+def logits(model, seq_len: int = 150) -> torch.Tensor:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        return model(torch.randint(0, 6400, (1, seq_len))).logits
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_roundtrip_ours_transformers_ours_is_exact(tmp_path, variant):
+    original = tiny_checkpoint(tmp_path, **VARIANTS[variant])
+    save_transformers(original, load_tokenizer(), tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == [ARCHITECTURE[variant]]
+    back, _ = load_model(tmp_path / "hf", device="cpu")
+    save_weights(back, tmp_path / "back.pth", dtype=torch.float32)
+    # A .pth holds tensors only: YaRN, an inference setting, is asked for again (eval_llm --inference_rope_scaling).
+    again, _ = load_model(tmp_path / "back.pth", device="cpu", rope_scaling=VARIANTS[variant].get("rope_scaling"))
+    expected = logits(original)  # 150 positions: past YaRN's original 64, so the scaling is exercised
+    torch.testing.assert_close(logits(back), expected, rtol=0, atol=0)
+    torch.testing.assert_close(logits(again), expected, rtol=0, atol=0)
+
+
+def test_cli_converts_both_ways(tmp_path, monkeypatch):
+    original = tiny_checkpoint(tmp_path)
+    main = runpy.run_path(str(REPO_ROOT / "scripts" / "convert_model.py"))["main"]
+    for argv in (["--weight", "full_sft", "--hidden_size", "64", "--out_dir", str(tmp_path)],
+                 ["--load_from", str(tmp_path / "full_sft_64-hf"), "--out_dir", str(tmp_path)]):
+        monkeypatch.setattr(sys, "argv", ["convert_model.py", *argv])
+        main()
+    back, _ = load_model("converted", hidden_size=64, directory=tmp_path, device="cpu")
+    # The .pth is fp16 (MiniMind's format), so compare with the original rounded the same way.
+    torch.testing.assert_close(back.state_dict(), {k: v.half().float() for k, v in original.state_dict().items()})
+    with pytest.raises(SystemExit, match="exists"):
+        main()  # never overwrites without --overwrite
+
+
+def test_exported_folder_runs_in_plain_transformers_like_ours(tmp_path):
+    tokenizer = load_tokenizer()
+    folders, ours = {}, {}
+    for name in ("llama", "qwen3", "moe"):
+        model = tiny_checkpoint(tmp_path / name, **VARIANTS[name])
+        folders[name] = str(save_transformers(model, tokenizer, tmp_path / name / "hf"))
+        ids = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": "天空为什么是蓝色的"}]),
+                        return_tensors="pt").input_ids
+        out = model.generate(ids, generation_config=generation_config(tokenizer, 12, temperature=0))
+        ours[name] = out[0, ids.shape[1]:].tolist()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, json.dumps(folders)], capture_output=True,
+                            text=True, cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    theirs = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in folders:
+        assert theirs[name]["cls"] == ARCHITECTURE[name]
+        assert theirs[name]["tied"]
+        assert theirs[name]["new"] == ours[name]  # greedy, stopping at <|im_end|>/<|endoftext|> like ours
+
+    folder = tmp_path / "llama" / "hf"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"], generation["bos_token_id"]) == ([2, 0], 0, 1)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6} and config["tie_word_embeddings"]
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"  # transformers 4.x (llama.cpp) loads it
+    assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)
+    assert (folder / "chat_template.jinja").is_file()
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()  # tied: stored once

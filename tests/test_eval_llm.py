@@ -1,0 +1,130 @@
+"""eval_llm.py and the loader behind it: piped prompts through the real CLI, streaming == generate, clear errors."""
+
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import PRESETS, MiniMindConfig, MiniMindForCausalLM
+from model.generation import ReplyStream, chat_prompt, generation_config
+from model.loading import REPO_ROOT, TOKENIZER_DIR, config_for_state_dict, load_model, load_tokenizer, save_weights
+
+# 8 heads: without q/k-norm a file cannot tell its head count, and the loader assumes MiniMind's 8.
+# initializer_range 0.2: random weights that say varied things (at 0.02 they repeat one token).
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, intermediate_size=128,
+             max_position_embeddings=512, initializer_range=0.2)
+PROMPTS = ["你好", "天空为什么是蓝色的"]
+
+needs_tokenizer = pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason="no tokenizer in model/")
+
+
+def run(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    """A repo script as users run it, from another directory (paths must not depend on the cwd)."""
+    return subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          cwd="/", env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+def tiny_checkpoint(directory, stage: str = "full_sft", **overrides) -> MiniMindForCausalLM:
+    """A random tiny model saved as MiniMind names it (<directory>/<stage>_64.pth), in fp32 so reloads are exact."""
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(**{**SHAPE, **overrides})).eval()
+    save_weights(model, directory / f"{stage}_{model.config.suffix}.pth", dtype=torch.float32)
+    return model
+
+
+def greedy_reply(model, tokenizer, text: str, max_new_tokens: int) -> tuple[str, int]:
+    ids = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": text}]), return_tensors="pt").input_ids
+    out = model.generate(ids, generation_config=generation_config(tokenizer, max_new_tokens, temperature=0))
+    new = out[0, ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+
+@needs_tokenizer
+def test_piped_prompts_get_greedy_replies_within_max_new_tokens(tmp_path):
+    model = tiny_checkpoint(tmp_path)
+    result = run(str(REPO_ROOT / "eval_llm.py"), "--weight", "full_sft", "--hidden_size", "64", "--out_dir",
+                 str(tmp_path), "--temperature", "0", "--max_new_tokens", "12", stdin="\n".join(PROMPTS) + "\n")
+    assert result.returncode == 0, result.stderr
+    tokenizer = load_tokenizer()
+    for text in PROMPTS:
+        reply, n = greedy_reply(model, tokenizer, text, 12)
+        assert n <= 12
+        # The streamed reply, as printed, equals generate()'s decoded text, followed by the speed line.
+        assert f"👶: {text}\n🤖: {reply}\n[{n} tokens, " in result.stdout, result.stdout
+
+
+@needs_tokenizer
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_streamed_text_equals_generate(tmp_path, num_beams):
+    tiny_checkpoint(tmp_path)
+    model, tokenizer = load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")
+    prompt = chat_prompt(tokenizer, [{"role": "user", "content": PROMPTS[1]}])
+    config = generation_config(tokenizer, max_new_tokens=15, temperature=0, num_beams=num_beams)
+    stream = ReplyStream(model, tokenizer, prompt, config)
+    pieces = list(stream)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    expected = model.generate(ids, generation_config=config)[0, ids.shape[1]:]
+    assert "".join(pieces) == stream.text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert stream.completion_tokens == len(expected) <= 15
+    assert stream.finish_reason == ("stop" if expected[-1] in (0, 2) else "length")
+
+
+@needs_tokenizer
+def test_leaving_a_stream_early_stops_generation(tmp_path):
+    tiny_checkpoint(tmp_path)
+    model, tokenizer = load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")
+    stream = ReplyStream(model, tokenizer, "hello", generation_config(tokenizer, max_new_tokens=2000, temperature=0))
+    pieces = iter(stream)
+    next(pieces)
+    pieces.close()  # what Ctrl-C in the chat and a hung-up HTTP client do
+    assert stream.completion_tokens < 2000 and stream.finish_reason == "stop"
+
+
+def test_missing_checkpoint_names_file_and_training_command(tmp_path):
+    tiny_checkpoint(tmp_path, stage="pretrain")
+    main = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))["main"]  # in-process: the CLI run above costs seconds
+    with pytest.raises(SystemExit) as exit:
+        main(["--weight", "dpo", "--out_dir", str(tmp_path)])
+    assert str(tmp_path / "dpo_512.pth") in str(exit.value.code)
+    assert "python trainer/train_dpo.py --hidden_size 512" in str(exit.value.code)
+    with pytest.raises(SystemExit) as exit:
+        main(["--weight", "pretrain", "--hidden_size", "768", "--out_dir", str(tmp_path)])
+    assert f"Found {tmp_path / 'pretrain_64.pth'}: load it with --hidden_size 64" in str(exit.value.code)
+
+
+@needs_tokenizer
+def test_the_file_decides_the_shape_when_flags_disagree(tmp_path, capsys):
+    saved = tiny_checkpoint(tmp_path)
+    model, _ = load_model("full_sft", hidden_size=64, num_hidden_layers=8, directory=tmp_path, device="cpu")
+    assert model.config.num_hidden_layers == 2
+    assert "has --num_hidden_layers 2, not 8" in capsys.readouterr().err
+    x = torch.randint(0, 6400, (1, 12))
+    torch.testing.assert_close(model(x).logits, saved(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_are_recovered_from_their_tensors(preset):
+    config = MiniMindConfig.from_preset(preset)
+    with torch.device("meta"):  # shapes only: no memory, no time
+        state = MiniMindForCausalLM(config).state_dict()
+    found = config_for_state_dict(state)
+    assert found.to_dict() == {**config.to_dict(), "transformers_version": found.to_dict()["transformers_version"]}
+
+
+@needs_tokenizer
+def test_lora_weight_is_merged_and_gives_the_adapter_outputs(tmp_path):
+    from model.model_lora import apply_lora, lora_path, save_lora
+
+    base = tiny_checkpoint(tmp_path)
+    apply_lora(base, rank=4)
+    for name, p in base.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)  # B = 0 would make the adapter a no-op
+    save_lora(base, lora_path("identity", base.config, tmp_path))
+    model, _ = load_model("full_sft", hidden_size=64, lora="identity", directory=tmp_path, device="cpu")
+    assert not any("lora" in k for k in model.state_dict())
+    x = torch.randint(0, 6400, (1, 12))
+    torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-4, atol=1e-5)
