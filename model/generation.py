@@ -57,8 +57,9 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
 
 
 def plain_prompt(tokenizer: Any, text: str) -> str:
-    """A pretrained (not chat-tuned) model continues text: prepend bos as pretraining documents begin with it."""
-    return (tokenizer.bos_token or "") + text
+    """A pretrained (not chat-tuned) model continues text. In packed pretraining every document follows an
+    ``<|endoftext|>`` separator, so a prompt that starts with one looks like the start of a document."""
+    return ("<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else "") + text
 
 
 class _Cancel(StoppingCriteria):
