@@ -15,12 +15,30 @@ For llama.cpp / Ollama see the README (convert_hf_to_gguf.py on the exported fol
 from __future__ import annotations
 
 import argparse
+from hashlib import sha256
 from pathlib import Path
 
 import torch
 
 from model.loading import (add_model_args, checkpoint_path, model_from_args, out_dir, resolve_path, save_transformers,
                            save_weights)
+
+
+# llama.cpp identifies a BPE pre-tokenizer by the sha256 of the ids of this probe text (convert_hf_to_gguf.py,
+# get_vocab_base_pre; llama.cpp is MIT-licensed). A self-trained vocabulary gives an unknown hash, which it refuses.
+LLAMA_CPP_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+
+
+def llama_cpp_vocab_hash(tokenizer) -> str:
+    """The ``chkhsh`` llama.cpp's converter computes for this tokenizer."""
+    return sha256(str(tokenizer.encode(LLAMA_CPP_PROBE)).encode()).hexdigest()
+
+
+def llama_cpp_hint(tokenizer) -> str:
+    """The two lines to add to llama.cpp's ``get_vocab_base_pre`` so it converts this vocabulary: our byte-level BPE
+    splits text with GPT-2's regex, which llama.cpp calls the ``gpt-2`` pre-tokenizer."""
+    return (f'        if chkhsh == "{llama_cpp_vocab_hash(tokenizer)}":\n'
+            f'            res = "gpt-2"  # minimind-lab byte-level BPE (GPT-2 split regex)')
 
 
 def main() -> None:
@@ -59,6 +77,9 @@ def main() -> None:
         save_transformers(model, tokenizer, output, getattr(torch, args.save_dtype or "float32"))
         kind = "minimind (trust_remote_code)" if model.config.use_moe else ("qwen3" if model.config.qk_norm else "llama")
         print(f"wrote {output} ({kind}); chat: python eval_llm.py --load_from {output}")
+        if not model.config.use_moe:
+            print("llama.cpp: in convert_hf_to_gguf.py's get_vocab_base_pre (conversion/base.py in recent versions), "
+                  f"add\n{llama_cpp_hint(tokenizer)}\nthen: python convert_hf_to_gguf.py {output} --outtype f16")
 
 
 if __name__ == "__main__":

@@ -104,3 +104,14 @@ def test_exported_folder_runs_in_plain_transformers_like_ours(tmp_path):
     assert (folder / "chat_template.jinja").is_file()
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # tied: stored once
+
+
+def test_llama_cpp_vocab_hash_of_the_shipped_tokenizer():
+    """The hash the README tells llama.cpp users to add; computed with llama.cpp's own probe text (checked once
+    against convert_hf_to_gguf.py of llama-cpp-python 0.3.36). If the tokenizer changes, update the README."""
+    from model.loading import load_tokenizer
+    from scripts.convert_model import llama_cpp_hint, llama_cpp_vocab_hash
+
+    tokenizer = load_tokenizer()
+    assert llama_cpp_vocab_hash(tokenizer) == "0e243e54b9a25453eb1a6dba872a8e9d7156a81eb5eeb166cdfb930a31abd10d"
+    assert 'res = "gpt-2"' in llama_cpp_hint(tokenizer)
