@@ -1,0 +1,143 @@
+"""The training engine, in process, on a tiny model and synthetic rows (fp32, CPU: every run is deterministic)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import MiniMindConfig, MiniMindForCausalLM
+from model.loading import load_weights
+from tests.ddp_train import TokenRows, tiny_args, token_rows
+from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
+from trainer.checkpoint import load_resume
+from trainer.engine import load_start_weights
+
+
+def tiny_model(**overrides) -> MiniMindForCausalLM:
+    """The model tiny_args() trains."""
+    return MiniMindForCausalLM(MiniMindConfig(**{"hidden_size": 64, "num_hidden_layers": 2, **overrides}))
+
+
+def losses(result) -> list[float]:
+    return [r["loss"] for r in result.history]
+
+
+def resume_state(out: Path) -> dict:
+    return torch.load(out / "pretrain_64_resume.pth", weights_only=False)
+
+
+def failing_loss(after_calls: int, exc: Exception):
+    """lm_loss that raises ``exc`` from its (after_calls+1)-th call on: a crash at a chosen step."""
+    calls = 0
+
+    def loss_fn(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls > after_calls:
+            raise exc
+        return lm_loss(model, batch)
+
+    return loss_fn
+
+
+def test_lr_schedule_is_minimind_cosine_after_linear_warmup():
+    T, lr = 100, 5e-4
+    for t in [0, 1, 37, 50, 99]:
+        assert lr_at(t, T, lr) == pytest.approx(lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t / T))))
+    assert lr_at(0, T, lr) == pytest.approx(lr) and lr_at(T, T, lr) == pytest.approx(0.1 * lr)
+    assert [lr_at(t, T, lr, warmup=4) for t in range(4)] == pytest.approx([lr / 4, lr / 2, 3 * lr / 4, lr])
+    assert lr_at(4, T, lr, warmup=4) == pytest.approx(lr)
+
+
+def test_loss_falls_on_a_repeated_batch(tmp_path):
+    same_rows = lambda args, tok: TokenRows(n=4, T=32)  # noqa: E731
+    result = train(Stage("pretrain", same_rows), tiny_args("--out_dir", str(tmp_path), "--epochs", "30",
+                                                            "--max_steps", "30", "--learning_rate", "3e-3"))
+    first, last = losses(result)[0], losses(result)[-1]
+    assert first > 8 and last < 0.5 * first, (first, last)
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch(tmp_path, monkeypatch):
+    """Compared on the gradients: AdamW divides by their scale, so weights would hide a wrong 1/k."""
+    real_clip, grads = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_and_record(params, *args, **kwargs):
+        grads.append([p.grad.clone() for p in params])
+        return real_clip(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_record)
+    big = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path / "a"), "--batch_size", "8",
+                                                         "--max_steps", "2"))
+    acc = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path / "b"), "--batch_size", "2",
+                                                         "--accumulation_steps", "4", "--max_steps", "2"))
+    assert losses(acc) == pytest.approx(losses(big), rel=1e-5)  # the logged loss is the whole step's mean
+    for a, b in zip(grads[0], grads[2]):  # first step of each run (a 1/k mistake would be a factor k)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+
+
+def test_resume_after_a_crash_continues_the_same_run(tmp_path):
+    flags = ("--max_steps", "6", "--save_interval", "3", "--accumulation_steps", "2", "--batch_size", "2")
+    whole = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path / "whole"), *flags))
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies in step 4, after the save at step 3
+        train(Stage("pretrain", token_rows, loss_fn=failing_loss(3 * 2, RuntimeError("simulated crash"))),
+              tiny_args("--out_dir", str(crashed), *flags))
+    assert resume_state(crashed)["step"] == 3
+    resumed = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(crashed), "--from_resume", "1", *flags))
+    assert [r["step"] for r in resumed.history] == [4, 5, 6]
+    assert losses(resumed) == losses(whole)[3:]  # bit for bit: same data position, RNG, optimizer state
+    wa, wb = resume_state(tmp_path / "whole")["model"], resume_state(crashed)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save, calls = torch.save, 0
+
+    def save_then_fail(obj, f, *args, **kwargs):  # 1-2: weights + resume at step 2; from 3 on: the disk "fills"
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            f.write(b"half a checkpoint")
+            raise OSError("No space left on device")
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--save_interval", "2"))
+    monkeypatch.undo()
+    assert resume_state(tmp_path)["step"] == 2
+    load_weights(tiny_model(), tmp_path / "pretrain_64.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain_64.pth", "pretrain_64_resume.pth"]  # no temp
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    calls = 0
+
+    def nan_at_step_5(model, batch):
+        nonlocal calls
+        calls += 1
+        loss, metrics = lm_loss(model, batch)
+        return (loss * float("nan") if calls == 5 else loss), metrics
+
+    resume_file = tmp_path / "pretrain_64_resume.pth"
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf at step 5.*pretrain_64_resume.pth \(step 4\)"):
+        train(Stage("pretrain", token_rows, loss_fn=nan_at_step_5),
+              tiny_args("--out_dir", str(tmp_path), "--save_interval", "4", "--log_interval", "100"))
+    state = resume_state(tmp_path)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert resume_file.stat().st_size > 0
+
+
+def test_a_resume_file_of_another_stage_or_shape_is_refused(tmp_path):
+    train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "1"))
+    with pytest.raises(ValueError, match="(?s)holds a 'pretrain' run.*this is a 'full_sft' run"):
+        train(Stage("full_sft", token_rows), tiny_args("--out_dir", str(tmp_path), "--from_resume", "1"))
+    with pytest.raises(ValueError, match="--num_hidden_layers 2"):
+        load_resume(tmp_path / "pretrain_64_resume.pth", "pretrain", tiny_model(num_hidden_layers=3).config)
+
+
+def test_a_missing_from_weight_names_the_file_and_the_command_that_makes_it(tmp_path):
+    model = tiny_model()
+    with pytest.raises(FileNotFoundError, match=r"pretrain_64\.pth.*python trainer/train_pretrain\.py --hidden_size 64"):
+        load_start_weights(model, "pretrain", tiny_args("--out_dir", str(tmp_path)))

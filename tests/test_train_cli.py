@@ -1,0 +1,83 @@
+"""The stage scripts as a user runs them (subprocesses, tiny model, CPU), and DDP under torchrun (2 gloo ranks)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import MiniMindConfig, MiniMindForCausalLM
+from model.loading import REPO_ROOT, load_weights
+from trainer import build_parser, parse_args
+
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--max_seq_len", "64", "--batch_size", "4",
+        "--accumulation_steps", "1", "--max_steps", "4", "--log_interval", "2", "--eval_size", "8",
+        "--device", "cpu"]
+ENV = {**os.environ, "SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def run_script(script: str, *flags: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "trainer" / script), *flags], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_pretrain_then_sft_from_the_command_line(tmp_path):
+    rng = random.Random(0)
+    words = "the cat sat on a mat while the dog ran to the red house by the sea".split()
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(rng.choices(words, k=60))} for _ in range(60)])
+    chats = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversations": [{"role": "user", "content": f"{a} plus {b}?"},
+                           {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+        for a, b in ((rng.randint(1, 50), rng.randint(1, 50)) for _ in range(40))])
+    out = tmp_path / "out"
+    pre = run_script("train_pretrain.py", *TINY, "--data_path", str(text), "--out_dir", str(out),
+                     cwd=REPO_ROOT / "trainer")  # from trainer/ ...
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert "Params: " in pre.stdout and "done: 4 steps" in pre.stdout
+    sft = run_script("train_full_sft.py", *TINY, "--data_path", str(chats), "--out_dir", str(out))  # ... and root
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
+    for stage in ("pretrain", "full_sft"):
+        load_weights(model, out / f"{stage}_64.pth")
+        assert (out / f"{stage}_64_resume.pth").is_file()
+    sft_none = run_script("train_full_sft.py", *TINY, "--data_path", str(chats), "--out_dir", str(tmp_path / "no"))
+    assert sft_none.returncode != 0 and "train_pretrain.py" in sft_none.stderr  # names the command that makes it
+
+
+def test_cpu_demo_defaults_never_override_a_typed_flag(capsys):
+    parser = build_parser("t", batch_size=32, max_steps=0)
+    demo = dict(batch_size=8, max_steps=300)
+    args = parse_args(parser, ["--device", "cpu", "--batch_size", "2"], cpu_demo=demo)
+    assert (args.batch_size, args.max_steps) == (2, 300)
+    assert "--max_steps 300" in capsys.readouterr().out
+    args = parse_args(parser, ["--device", "cuda"], cpu_demo=demo)  # a GPU run keeps MiniMind's defaults
+    assert (args.batch_size, args.max_steps) == (32, 0)
+
+
+def tiny_run(out: Path, *launcher: str, batch: int) -> tuple[list[dict], dict]:
+    history = out / "history.json"
+    cmd = [*launcher, str(REPO_ROOT / "tests" / "ddp_train.py"), str(history), "--out_dir", str(out),
+           "--batch_size", str(batch), "--max_steps", "4", "--save_interval", "4"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(history.read_text()), torch.load(out / "pretrain_64_resume.pth", weights_only=False)
+
+
+def test_ddp_two_ranks_with_half_the_batch_equal_one_process(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two, two_state = tiny_run(tmp_path / "ddp", str(torchrun), "--standalone", "--nproc_per_node", "2",
+                              batch=2)
+    one, one_state = tiny_run(tmp_path / "one", sys.executable, batch=4)
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)  # fp32: all-reduce order
+    assert (one_state["world_size"], two_state["world_size"]) == (1, 2)
+    for k, w in one_state["model"].items():
+        torch.testing.assert_close(two_state["model"][k], w, rtol=1e-4, atol=1e-5)

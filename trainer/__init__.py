@@ -1,0 +1,6 @@
+"""Training: one engine (engine.py) that every stage script (train_*.py) hands its dataset and loss to."""
+
+from trainer.args import build_parser, parse_args
+from trainer.engine import Result, Stage, TrainingDiverged, lm_loss, lr_at, run, train
+
+__all__ = ["Result", "Stage", "TrainingDiverged", "build_parser", "lm_loss", "lr_at", "parse_args", "run", "train"]

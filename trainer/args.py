@@ -1,0 +1,93 @@
+"""The command-line flags every stage shares, declared once. MiniMind's names are honoured, so its commands work."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any, Sequence
+
+from model import MiniMindConfig
+from trainer.runtime import best_device
+
+
+def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
+    """The shared flags with a stage's own defaults (``lr``, ``epochs``, ...); a stage adds its own flags to it."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("run")
+    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--batch_size", type=int, default=32, help="rows per micro-batch per GPU")
+    run.add_argument("--learning_rate", type=float, default=5e-4, help="peak LR; the cosine ends at 0.1x")
+    run.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps before the cosine")
+    run.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    run.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    run.add_argument("--time_budget", type=float, default=0, help="stop after this many seconds (0: no limit)")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best there is)")
+    run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                     help="autocast dtype (auto: bf16 on CUDA/CPUs with bf16 units, fp16 on older GPUs, fp32 on MPS)")
+    run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
+    run.add_argument("--num_workers", type=int, default=None, help="data loader workers (default: 0 on CPU, 4 else)")
+    run.add_argument("--ddp", action="store_true", help="accepted for MiniMind's commands; torchrun sets DDP up")
+    run.add_argument("--local_rank", type=int, default=-1, help="accepted for MiniMind's commands; torchrun sets it")
+
+    shape = p.add_argument_group("model (a --preset, or MiniMind's flags; flags override the preset)")
+    shape.add_argument("--preset", default=None, help="minimind2-small, minimind2, minimind2-moe, minimind3, ...")
+    shape.add_argument("--hidden_size", type=int, default=None, help="default 512")
+    shape.add_argument("--num_hidden_layers", type=int, default=None, help="default 8")
+    shape.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="default 0")
+    shape.add_argument("--max_seq_len", type=int, default=512)
+
+    io = p.add_argument_group("data and checkpoints")
+    io.add_argument("--data_path", default=None, help="jsonl file (default: MiniMind's file in dataset/, else the demo)")
+    io.add_argument("--skip_bad_lines", action="store_true", help="skip unreadable rows instead of stopping")
+    io.add_argument("--from_weight", default="none", help="a stage name (out/<name>_<hidden>.pth), a path, or none")
+    io.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="continue the run from its resume file")
+    io.add_argument("--save_weight", default=None, help="checkpoint name prefix: out/<save_weight>_<hidden>.pth")
+    io.add_argument("--out_dir", "--save_dir", dest="out_dir", default="out")
+    io.add_argument("--save_interval", type=int, default=1000, help="save weights + resume file every N steps")
+    io.add_argument("--save_hf", action="store_true", help="also write a transformers folder (+ tokenizer)")
+
+    log = p.add_argument_group("progress and logging")
+    log.add_argument("--log_interval", type=int, default=100, help="steps between progress updates")
+    log.add_argument("--eval_interval", type=int, default=500, help="steps between held-out evals (0: end only)")
+    log.add_argument("--eval_size", type=int, default=200, help="rows held out for eval (0: no eval)")
+    log.add_argument("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
+    log.add_argument("--wandb_project", default="MiniMind")
+    log.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU (default: from its name)")
+    p.set_defaults(**defaults)
+    return p
+
+
+def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> set[str]:
+    """The destinations the user typed on the command line (a default is never 'typed')."""
+    probe = copy.deepcopy(parser)
+    probe._defaults = {}  # set_defaults() values would otherwise count as given
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> MiniMindConfig:
+    """The model shape from --preset and/or --hidden_size / --num_hidden_layers / --use_moe (flags win)."""
+    flags = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
+    overrides = {k: (bool(v) if k == "use_moe" else v) for k, v in flags.items() if v is not None}
+    if args.preset:
+        return MiniMindConfig.from_preset(args.preset, vocab_size=vocab_size, **overrides)
+    return MiniMindConfig(**{"hidden_size": 512, "num_hidden_layers": 8, **overrides}, vocab_size=vocab_size)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+               cpu_demo: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Parse the flags. On a CPU, ``cpu_demo`` replaces the GPU-sized defaults the user did not type, so a bare
+    ``python trainer/train_<stage>.py`` finishes in minutes; one line says so. A typed flag is never changed."""
+    args = parser.parse_args(argv)
+    if cpu_demo and (args.device or best_device()) == "cpu":
+        typed = typed_flags(parser, argv)
+        changed = {k: v for k, v in cpu_demo.items() if k not in typed}
+        vars(args).update(changed)
+        if changed:
+            flags = " ".join(f"--{k} {v}" for k, v in changed.items())
+            print(f"[cpu] no GPU: a demo-sized run ({flags}). Type any of these flags to choose yourself; "
+                  f"MiniMind's full run wants a GPU.")
+    return args

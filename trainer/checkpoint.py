@@ -1,0 +1,59 @@
+"""Resume files: everything needed to continue a run exactly, written atomically beside the weights file."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import MiniMindConfig
+from model.loading import atomic_save
+
+
+def resume_path(weights_path: Path) -> Path:
+    """``out/pretrain_512.pth`` -> ``out/pretrain_512_resume.pth``."""
+    return weights_path.with_name(f"{weights_path.stem}_resume.pth")
+
+
+def shape_of(config: MiniMindConfig) -> dict[str, Any]:
+    """The config fields that decide whether saved tensors fit (not generation or bookkeeping fields)."""
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "intermediate_size", "qk_norm", "use_moe", "n_routed_experts", "num_experts_per_tok",
+            "n_shared_experts", "tie_word_embeddings")
+    return {k: getattr(config, k) for k in keys}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume(path: Path, **state: Any) -> None:
+    atomic_save({**state, "rng": rng_state()}, path)
+
+
+def load_resume(path: Path, stage: str, config: MiniMindConfig) -> dict[str, Any]:
+    """The resume file of this stage and shape, or a clear refusal naming what the file holds instead."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--from_resume 1: no resume file at {path}. Start the run without --from_resume "
+                                f"(one is written every --save_interval steps).")
+    # weights_only=False: the file holds RNG states and optimizer state; it is our own file, written by this code.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["stage"] != stage or state["shape"] != shape_of(config):
+        held = MiniMindConfig(**state["shape"]).describe()
+        raise ValueError(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a '{stage}' run "
+                         f"of {config.describe()}. Pass the flags that match the file, or drop --from_resume.")
+    return state

@@ -1,0 +1,355 @@
+"""The one training loop every stage shares.
+
+A stage (pretrain, full SFT, LoRA, DPO) is a ``Stage``: its name, its dataset, its loss as a function of model and
+batch, and optional hooks. Everything else lives here, once: device/dtype/DDP, the cosine LR schedule, gradient
+accumulation, clipping, held-out eval, progress (loss, lr, tok/s, MFU, ETA), logging, atomic checkpoints, exact
+resume and the NaN guard.
+
+    stage = Stage("pretrain", build_dataset=lambda args, tok: PretrainDataset(...))
+    run(stage, args)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import random
+import sys
+import time
+from argparse import Namespace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from dataset import pad_collate, train_eval_split
+from model import MiniMindConfig, MiniMindForCausalLM
+from model.loading import checkpoint_path, load_tokenizer, load_weights, out_dir, resolve_path, save_weights
+from trainer.args import model_config
+from trainer.checkpoint import load_resume, resume_path, save_resume, set_rng_state, shape_of
+from trainer.logger import make_logger
+from trainer.runtime import Runtime, setup_runtime, shutdown
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross entropy on the positions whose label is not -100 (+ the MoE balancing loss)."""
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    return out.loss, ({"aux_loss": out.aux_loss} if out.aux_loss is not None else {})
+
+
+def stage_weights_path(args: Namespace, config: MiniMindConfig) -> Path:
+    """MiniMind's name for the weights a run writes: ``out/<save_weight>_<hidden>[_moe].pth``."""
+    return checkpoint_path(args.save_weight, config, args.out_dir)
+
+
+@dataclass
+class Stage:
+    """What makes a stage itself. The engine trains the parameters that still require grad after ``setup``."""
+
+    name: str  # "pretrain", "full_sft", ...: a resume file of another stage is refused
+    build_dataset: Callable[[Namespace, Any], Dataset]  # (args, tokenizer) -> items of 1-D LongTensors
+    loss_fn: LossFn = lm_loss  # (model, batch) -> (loss, extra metrics); also used for the held-out eval
+    setup: Callable[[nn.Module, Namespace], None] | None = None  # after --from_weight, on the device: freeze, add LoRA
+    weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
+    save_weights: Callable[[nn.Module, Path], Any] = save_weights  # what goes into the weights file
+    collate: Callable[[list[Batch]], Batch] = pad_collate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing was saved after it."""
+
+
+@dataclass
+class Result:
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict[str, float]]  # one record per logged step: step, loss, lr, tokens_per_s, train/*, eval/*
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the pieces
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 0) -> float:
+    """Linear warmup, then MiniMind's cosine from ``peak`` down to 0.1*peak: peak*(0.1 + 0.45*(1 + cos(pi*t/T)))."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def load_start_weights(model: nn.Module, from_weight: str, args: Namespace) -> None:
+    """--from_weight: ``none``, a stage name (``pretrain`` -> out/pretrain_<suffix>.pth) or a file path."""
+    if from_weight.lower() == "none":
+        return
+    is_path = from_weight.endswith((".pth", ".safetensors")) or "/" in from_weight or "\\" in from_weight
+    path = resolve_path(from_weight) if is_path else checkpoint_path(from_weight, model.config, args.out_dir)
+    if not path.is_file():
+        shape = model.config.describe().split(" (")[0]
+        make = "" if is_path else f" It is written by: python trainer/train_{from_weight}.py {shape}."
+        raise FileNotFoundError(f"--from_weight {from_weight}: no checkpoint at {path}.{make} "
+                                f"Or start from random weights with --from_weight none.")
+    load_weights(model, path)
+
+
+def epoch_loader(data: Dataset, args: Namespace, rt: Runtime, collate: Callable, epoch: int, skip_rows: int) -> DataLoader:
+    """This rank's batches of one epoch. The order is a function of (seed, epoch) only, so a resumed run skips
+    exactly the rows it already trained on and then sees the same batches as an uninterrupted one."""
+    sampler = DistributedSampler(data, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=args.seed)
+    sampler.set_epoch(epoch)
+    workers = args.num_workers if args.num_workers is not None else (0 if rt.device.type == "cpu" else 4)
+    return DataLoader(data, batch_size=args.batch_size, sampler=list(sampler)[skip_rows:], collate_fn=collate,
+                      drop_last=True, num_workers=workers, pin_memory=rt.device.type == "cuda",
+                      generator=torch.Generator())  # own generator: creating a loader leaves the global RNG alone
+
+
+def step_batches(data: Dataset, args: Namespace, rt: Runtime, collate: Callable, start_step: int,
+                 steps_per_epoch: int) -> Iterator[Iterator[Batch]]:
+    """For each optimizer step from ``start_step`` on, its ``accumulation_steps`` micro-batches."""
+    accum = args.accumulation_steps
+    for epoch in range(start_step // steps_per_epoch, args.epochs):
+        done = max(0, start_step - epoch * steps_per_epoch)
+        batches = iter(epoch_loader(data, args, rt, collate, epoch, skip_rows=done * accum * args.batch_size))
+        for _ in range(done, steps_per_epoch):
+            yield itertools.islice(batches, accum)
+
+
+def all_ranks(rt: Runtime, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    if rt.ddp:
+        dist.all_reduce(value, op=op)
+    return value
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loss_fn: LossFn, data: Dataset, args: Namespace, rt: Runtime,
+             collate: Callable) -> dict[str, float]:
+    """Mean loss (and metrics) over the held-out rows, in order, on this rank."""
+    model.eval()
+    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
+    sums: dict[str, torch.Tensor] = {}
+    for batch in loader:
+        with rt.autocast():
+            loss, metrics = loss_fn(model, {k: v.to(rt.device) for k, v in batch.items()})
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0) + v.detach().float()
+    model.train()
+    return {f"eval/{k}": v.item() / len(loader) for k, v in sums.items()}  # host sync, once per eval
+
+
+def flops_per_token(model: MiniMindForCausalLM, seq_len: int) -> float:
+    """6N + 12*L*d*T (N: active parameters incl. the tied head, whose matmul is real compute; T: sequence length)."""
+    c = model.config
+    return 6 * model.count_parameters()[1] + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loop
+
+
+def restore(state: dict[str, Any], raw: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            global_batch: int, rt: Runtime) -> tuple[int, str | None]:
+    """Load a resume file's state; returns (step, logger run id). The step counts the same rows trained on when
+    the global batch changed (e.g. another GPU count), as MiniMind rescales it."""
+    raw.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    step = state["step"] * state["global_batch"] // global_batch
+    if state["global_batch"] != global_batch:
+        rt.print(f"[resume] global batch {state['global_batch']} -> {global_batch} rows: step {state['step']} -> {step}")
+    return step, state["run_id"]
+
+
+class Window:
+    """Loss and metric sums since the last log, kept on the device: adding to them costs no host sync."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.tokens_total = rt, 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = self.tokens = 0
+        self.step_loss = torch.zeros((), device=self.rt.device)
+        self.first_bad = torch.tensor(float("inf"), device=self.rt.device)  # first step whose loss was NaN/inf
+        self.started = time.time()
+
+    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], accumulation: int,
+                        tokens: int) -> None:
+        self.step_loss += loss.detach().float() / accumulation  # the logged loss: mean over the whole step
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() / accumulation
+        self.tokens += tokens
+
+    def end_step(self, step: int) -> None:
+        self.first_bad = torch.where(torch.isfinite(self.step_loss), self.first_bad, self.first_bad.clamp(max=step))
+        self.sums["loss"] = self.sums.get("loss", 0) + self.step_loss
+        self.step_loss = torch.zeros_like(self.step_loss)
+        self.steps += 1
+
+    def read(self) -> tuple[dict[str, float], int | None]:
+        """Means over the window and all ranks, tokens/s, and the first NaN/inf step (None if none); then reset."""
+        names = list(self.sums)
+        means = all_ranks(self.rt, torch.stack([self.sums[k] for k in names]) / self.steps) / self.rt.world_size
+        first_bad = all_ranks(self.rt, self.first_bad.clone(), dist.ReduceOp.MIN).item()
+        tokens = self.tokens * self.rt.world_size
+        record = {k if k == "loss" else f"train/{k}": v for k, v in zip(names, means.tolist())}
+        record["tokens_per_s"] = tokens / (time.time() - self.started)
+        self.tokens_total += tokens
+        self._reset()
+        return record, (None if first_bad == float("inf") else int(first_bad))
+
+
+def train(stage: Stage, args: Namespace) -> Result:
+    """Train ``stage`` as ``args`` say. Returns on rank 0 and the others alike; the caller shuts DDP down."""
+    rt = setup_runtime(args.device, args.dtype)
+    torch.manual_seed(args.seed)  # every rank builds the same initial model
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    tokenizer = load_tokenizer()
+    config = model_config(args, vocab_size=len(tokenizer))
+    raw = MiniMindForCausalLM(config)  # "raw": the plain module, for saving and eval; "model" may be wrapped
+    load_start_weights(raw, args.from_weight, args)
+    raw.to(rt.device)
+    if stage.setup:
+        stage.setup(raw, args)
+
+    dataset = stage.build_dataset(args, tokenizer)
+    train_set, eval_set = train_eval_split(dataset, eval_size=args.eval_size, seed=args.seed) if args.eval_size \
+        else (dataset, None)
+    global_batch = args.batch_size * args.accumulation_steps * rt.world_size
+    steps_per_epoch = math.ceil(len(train_set) / rt.world_size) // args.batch_size // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training rows make no step of {global_batch} rows (batch_size x "
+                         f"accumulation_steps x GPUs): lower --batch_size or --accumulation_steps, or add data")
+    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
+
+    weights_file = stage.weights_path(args, config)
+    resume_file = resume_path(weights_file)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=rt.device.type == "cuda")
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 only: bf16 needs none
+    step, run_id = 0, None
+    if args.from_resume:
+        step, run_id = restore(load_resume(resume_file, stage.name, config), raw, optimizer, scaler, global_batch, rt)
+        rt.print(f"[resume] {resume_file} at step {step}/{total}")
+
+    model: nn.Module = torch.compile(raw) if args.use_compile else raw
+    if rt.ddp:  # MoE: a step may route no token to some expert, whose weights then get no gradient
+        model = DistributedDataParallel(model, find_unused_parameters=config.use_moe)
+
+    rt.print(f"{stage.name}: {raw.params_summary()} ({config.describe()}), {len(params)} trainable tensors, "
+             f"device {rt.device} x{rt.world_size}, {str(rt.dtype).removeprefix('torch.')}")
+    rt.print(f"{len(train_set)} train rows, {len(eval_set or [])} eval rows; {total} steps of {global_batch} rows "
+             f"({steps_per_epoch} per epoch); lr {args.learning_rate:g}; weights -> {weights_file}")
+    logger = make_logger(args.use_wandb, rt.is_main, args.wandb_project, f"{stage.name}-{config.suffix}",
+                         vars(args), run_id)
+    peak = rt.peak_flops(args.peak_tflops)
+    history: list[dict[str, float]] = []
+    batches = step_batches(train_set, args, rt, stage.collate, step, steps_per_epoch)
+    window = Window(rt)
+    last_saved, start = None, time.time()
+
+    def save() -> None:
+        nonlocal last_saved
+        if rt.is_main:
+            stage.save_weights(raw, weights_file)
+            save_resume(resume_file, stage=stage.name, shape=shape_of(config), model=raw.state_dict(),
+                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                        global_batch=global_batch, world_size=rt.world_size, run_id=logger.run_id, args=vars(args))
+        last_saved = step
+
+    with tqdm(total=total, initial=step, disable=not rt.is_main, dynamic_ncols=True) as bar:
+        while step < total:
+            lr = lr_at(step, total, args.learning_rate, args.warmup_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for i, batch in enumerate(next(batches)):
+                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+                last = i == args.accumulation_steps - 1
+                # under DDP, gradients are all-reduced once per step, at the last micro-batch
+                with model.no_sync() if rt.ddp and not last else contextlib.nullcontext():
+                    with rt.autocast():
+                        loss, metrics = stage.loss_fn(model, batch)
+                    scaler.scale(loss / args.accumulation_steps).backward()
+                window.add_micro_batch(loss, metrics, args.accumulation_steps, batch["input_ids"].numel())
+            if args.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(params, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            window.end_step(step)
+            step += 1
+            bar.update()
+
+            save_due = step % args.save_interval == 0 or step == total
+            if step % args.log_interval and not save_due:
+                continue
+            record, first_bad = window.read()  # host sync, once per log interval
+            if first_bad is not None:
+                where = f"{resume_file} (step {last_saved})" if last_saved else \
+                    f"{resume_file} (from an earlier run)" if resume_file.exists() else "none, nothing was saved"
+                raise TrainingDiverged(f"loss is NaN/inf at step {first_bad + 1}; stopped without saving. Last good "
+                                       f"checkpoint: {where}. Lower --learning_rate, try --dtype bfloat16 or "
+                                       f"float32, or check the data.")
+            # every rank must agree to stop, or the others would wait forever at the next all-reduce
+            out_of_time = all_ranks(rt, torch.tensor(float(bool(args.time_budget) and time.time() - start >
+                                                           args.time_budget), device=rt.device), dist.ReduceOp.MAX)
+            record.update(step=step, lr=lr)
+            if peak:
+                record["mfu"] = record["tokens_per_s"] * flops_per_token(raw, args.max_seq_len) / peak
+            if eval_set is not None and rt.is_main and (step == total or out_of_time.item() or
+                                                        (args.eval_interval and step % args.eval_interval == 0)):
+                record.update(evaluate(raw, stage.loss_fn, eval_set, args, rt, stage.collate))
+            history.append(record)
+            logger.log(record, step)
+            bar.set_postfix_str(progress_text(record))
+            if save_due:
+                save()
+            if out_of_time.item():
+                rt.print(f"[time] --time_budget {args.time_budget:g}s reached at step {step}/{total}")
+                break
+    if last_saved != step:
+        save()
+    logger.finish()
+    result = Result(step, window.tokens_total, time.time() - start, history)
+    final = history[-1] if history else {}
+    rt.print(f"done: {step} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min; "
+             f"train loss {final.get('loss', float('nan')):.3f}"
+             + (f", eval loss {final['eval/loss']:.3f}" if "eval/loss" in final else "") + f"; saved {weights_file}")
+    if args.save_hf and rt.is_main:
+        folder = out_dir(args.out_dir) / f"{weights_file.stem}_hf"
+        raw.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        rt.print(f"transformers folder: {folder}")
+    return result
+
+
+def progress_text(record: dict[str, float]) -> str:
+    text = f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+    text += f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+    return text + (f" eval {record['eval/loss']:.3f}" if "eval/loss" in record else "")
+
+
+def run(stage: Stage, args: Namespace) -> None:
+    """A stage script's whole main: train, then leave DDP cleanly; a diverged run exits 1 with its message."""
+    try:
+        train(stage, args)
+    except TrainingDiverged as e:
+        print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
+        shutdown(1)
+    shutdown(0)

@@ -1,0 +1,94 @@
+"""Where training runs: device, autocast dtype and torchrun DDP, set up once and torn down cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 peaks (TFLOP/s) by GPU name, for MFU. An unknown GPU shows no MFU rather than a wrong one.
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "4090": 165, "3090": 71}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the autocast dtype; float32 means no autocast
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def print(self, *args, **kwargs) -> None:
+        """print on rank 0 only."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+    def peak_flops(self, override_tflops: float | None) -> float | None:
+        if override_tflops:
+            return override_tflops * 1e12
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16  # AVX512-BF16/AMX: ~1.9x faster than fp32 here, same loss curve (see README)
+    return torch.float32  # MPS and CPUs without bf16 units: fp32 is the one measured safe everywhere
+
+
+def setup_runtime(device: str | None = None, dtype: str = "auto") -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and pick device and dtype."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device(device or best_device())
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~free speed for fp32 parts
+        torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    amp = auto_dtype(dev) if dtype == "auto" else getattr(torch, dtype)
+    return Runtime(dev, amp, rank, local_rank, world)
+
+
+def shutdown(code: int = 0) -> None:
+    """Leave the process group (if any) and exit with ``code``. gloo sometimes aborts (SIGABRT) in interpreter
+    teardown after destroy_process_group, so a gloo process ends with os._exit once its output is flushed."""
+    if dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
+        dist.destroy_process_group()
+        if gloo:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if code:
+        sys.exit(code)

@@ -1,0 +1,66 @@
+"""Stage 3a, LoRA: train a small low-rank update beside each frozen weight of the full-SFT model, on chat data.
+
+    python trainer/train_lora.py --lora_name identity        # after train_full_sft.py; CPU: demo-sized
+    python trainer/train_lora.py --lora_name medical --data_path dataset/lora_medical.jsonl   # GPU: MiniMind's recipe
+    torchrun --nproc_per_node 2 trainer/train_lora.py --lora_name identity                   # DDP
+
+Only the adapter is saved, to out/lora/lora_<name>_<hidden>[_moe].pth (a few MB); the base stays out/full_sft_*.pth.
+"""
+
+from argparse import Namespace
+from pathlib import Path
+
+import torch.distributed as dist
+from torch import nn
+
+from dataset import SFTDataset, resolve_data_path
+from model import MiniMindConfig
+from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_summary, save_lora
+from trainer import Stage, build_parser, parse_args, run
+
+
+def lora_data(args: Namespace, tokenizer) -> SFTDataset:
+    # --lora_name medical finds MiniMind's dataset/lora_medical.jsonl; the default name finds lora_identity.jsonl
+    path = resolve_data_path(args.data_path, [f"lora_{args.lora_name}.jsonl"], "lora_identity.jsonl")
+    return SFTDataset(path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+
+
+def add_lora(model: nn.Module, args: Namespace) -> None:
+    """Wrap the target layers and freeze everything else: the engine's optimizer then holds the LoRA matrices only."""
+    targets = "square" if args.lora_targets == ["square"] else args.lora_targets
+    wrapped = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{lora_summary(model)}: rank {args.lora_rank} on {len(wrapped)} layers", flush=True)
+
+
+def adapter_path(args: Namespace, config: MiniMindConfig) -> Path:
+    return lora_path(args.lora_name, config, args.out_dir)
+
+
+LORA = Stage("lora", lora_data, setup=add_lora, weights_path=adapter_path, save_weights=save_lora)
+
+
+def parse(argv: list[str] | None = None) -> Namespace:
+    parser = build_parser(__doc__, epochs=10, batch_size=32, learning_rate=1e-4, max_seq_len=340, log_interval=10,
+                          from_weight="full_sft", wandb_project="MiniMind-LoRA")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora_name", default="identity", help="the adapter's name: out/lora/lora_<name>_<hidden>.pth")
+    lora.add_argument("--lora_rank", type=int, default=16)
+    lora.add_argument("--lora_alpha", type=float, default=None,
+                      help="the update is scaled by alpha/rank (default: alpha = rank, unscaled as in MiniMind)")
+    lora.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
+                      help="layer names or regexes to adapt, or 'square' (MiniMind's choice: q_proj/o_proj with GQA)")
+    # The bundled identity set is small: at 1e-4 a few hundred CPU steps barely move a rank-16 adapter.
+    args = parse_args(parser, argv, cpu_demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-3, max_steps=150,
+                                                  log_interval=10, eval_interval=50, eval_size=16))
+    if args.save_hf:
+        parser.error("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(LORA, parse(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Stage 1, pretraining: next-token prediction on plain text ({"text": ...} jsonl).
+
+    python trainer/train_pretrain.py                         # CPU: a demo-sized run on the bundled corpus
+    python trainer/train_pretrain.py --data_path dataset/pretrain_hq.jsonl   # GPU: MiniMind's recipe
+    torchrun --nproc_per_node 8 trainer/train_pretrain.py    # DDP
+"""
+
+from argparse import Namespace
+
+from dataset import PretrainDataset, resolve_data_path
+from trainer import Stage, build_parser, parse_args, run
+
+
+def pretrain_data(args: Namespace, tokenizer) -> PretrainDataset:
+    path = resolve_data_path(args.data_path, ["pretrain_hq.jsonl", "pretrain_t2t_mini.jsonl"], "pretrain.jsonl")
+    return PretrainDataset(path, tokenizer, args.max_seq_len, mode="pad" if args.pad else "pack",
+                           skip_bad_lines=args.skip_bad_lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser(__doc__, epochs=2, batch_size=32, learning_rate=5e-4, accumulation_steps=8,
+                          max_seq_len=340, save_weight="pretrain", wandb_project="MiniMind-Pretrain")
+    parser.add_argument("--pad", action="store_true", help="one document per row, padded (default: packed rows)")
+    args = parse_args(parser, argv, cpu_demo=dict(batch_size=8, accumulation_steps=1, max_seq_len=256,
+                                                  max_steps=200, time_budget=540, log_interval=10, eval_interval=100,
+                                                  eval_size=64))
+    run(Stage("pretrain", pretrain_data), args)
+
+
+if __name__ == "__main__":
+    main()
