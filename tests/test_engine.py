@@ -24,7 +24,7 @@ def losses(result) -> list[float]:
 
 
 def resume_state(out: Path) -> dict:
-    return torch.load(out / "pretrain_64_resume.pth", weights_only=False)
+    return torch.load(out / "pretrain_64_resume.pth", weights_only=True)
 
 
 def failing_loss(after_calls: int, exc: Exception):

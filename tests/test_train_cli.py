@@ -43,12 +43,20 @@ def test_pretrain_then_sft_from_the_command_line(tmp_path):
                      cwd=REPO_ROOT / "trainer")  # from trainer/ ...
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "Params: " in pre.stdout and "done: 4 steps" in pre.stdout
-    sft = run_script("train_full_sft.py", *TINY, "--data_path", str(chats), "--out_dir", str(out))  # ... and root
+    sft = run_script("train_full_sft.py", *TINY, "--data_path", str(chats), "--out_dir", str(out),
+                     "--save_hf")  # ... and from the root
     assert sft.returncode == 0, sft.stderr[-3000:]
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=64, num_hidden_layers=2))
     for stage in ("pretrain", "full_sft"):
         load_weights(model, out / f"{stage}_64.pth")
         assert (out / f"{stage}_64_resume.pth").is_file()
+    # --save_hf: a stock transformers Llama folder holding the same weights
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "full_sft_64-hf")
+    assert type(hf) is LlamaForCausalLM
+    ids = torch.randint(3, 6400, (1, 12))
+    torch.testing.assert_close(hf(ids).logits, model.eval()(ids).logits, atol=1e-3, rtol=1e-3)  # fp16 file vs fp32
     sft_none = run_script("train_full_sft.py", *TINY, "--data_path", str(chats), "--out_dir", str(tmp_path / "no"))
     assert sft_none.returncode != 0 and "train_pretrain.py" in sft_none.stderr  # names the command that makes it
 
@@ -69,7 +77,7 @@ def tiny_run(out: Path, *launcher: str, batch: int) -> tuple[list[dict], dict]:
            "--batch_size", str(batch), "--max_steps", "4", "--save_interval", "4"]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(history.read_text()), torch.load(out / "pretrain_64_resume.pth", weights_only=False)
+    return json.loads(history.read_text()), torch.load(out / "pretrain_64_resume.pth", weights_only=True)
 
 
 def test_ddp_two_ranks_with_half_the_batch_equal_one_process(tmp_path):

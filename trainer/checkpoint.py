@@ -27,7 +27,10 @@ def shape_of(config: MiniMindConfig) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain lists: the file then loads with weights_only=True (no pickled objects)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -35,7 +38,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -50,8 +54,7 @@ def load_resume(path: Path, stage: str, config: MiniMindConfig) -> dict[str, Any
     if not path.is_file():
         raise FileNotFoundError(f"--from_resume 1: no resume file at {path}. Start the run without --from_resume "
                                 f"(one is written every --save_interval steps).")
-    # weights_only=False: the file holds RNG states and optimizer state; it is our own file, written by this code.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no pickled code
     if state["stage"] != stage or state["shape"] != shape_of(config):
         held = MiniMindConfig(**state["shape"]).describe()
         raise ValueError(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a '{stage}' run "

@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 from dataset import pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import checkpoint_path, load_tokenizer, load_weights, out_dir, resolve_path, save_weights
+from model.flops import flops_per_token, peak_tflops
+from model.loading import (checkpoint_path, load_tokenizer, load_weights, out_dir, resolve_path, save_transformers,
+                           save_weights)
 from trainer.args import model_config
 from trainer.checkpoint import load_resume, resume_path, save_resume, set_rng_state, shape_of
 from trainer.logger import make_logger
@@ -149,12 +151,6 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: Dataset, args: Namespace, 
     return {f"eval/{k}": v.item() / len(loader) for k, v in sums.items()}  # host sync, once per eval
 
 
-def flops_per_token(model: MiniMindForCausalLM, seq_len: int) -> float:
-    """6N + 12*L*d*T (N: active parameters incl. the tied head, whose matmul is real compute; T: sequence length)."""
-    c = model.config
-    return 6 * model.count_parameters()[1] + 12 * c.num_hidden_layers * c.hidden_size * seq_len
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # the loop
 
@@ -251,13 +247,15 @@ def train(stage: Stage, args: Namespace) -> Result:
     if rt.ddp:  # MoE: a step may route no token to some expert, whose weights then get no gradient
         model = DistributedDataParallel(model, find_unused_parameters=config.use_moe)
 
-    rt.print(f"{stage.name}: {raw.params_summary()} ({config.describe()}), {len(params)} trainable tensors, "
+    trainable = sum(p.numel() for p in params)
+    rt.print(f"{stage.name}: {raw.params_summary()} ({config.describe()}), {trainable / 1e6:.2f}M trainable "
+             f"({trainable / raw.count_parameters()[0]:.1%}), "
              f"device {rt.device} x{rt.world_size}, {str(rt.dtype).removeprefix('torch.')}")
     rt.print(f"{len(train_set)} train rows, {len(eval_set or [])} eval rows; {total} steps of {global_batch} rows "
              f"({steps_per_epoch} per epoch); lr {args.learning_rate:g}; weights -> {weights_file}")
     logger = make_logger(args.use_wandb, rt.is_main, args.wandb_project, f"{stage.name}-{config.suffix}",
                          vars(args), run_id)
-    peak = rt.peak_flops(args.peak_tflops)
+    peak = peak_tflops(rt.device, args.peak_tflops)  # TFLOP/s, None where unknown: then no MFU is shown
     history: list[dict[str, float]] = []
     batches = step_batches(train_set, args, rt, stage.collate, step, steps_per_epoch)
     window = Window(rt)
@@ -311,7 +309,7 @@ def train(stage: Stage, args: Namespace) -> Result:
                                                            args.time_budget), device=rt.device), dist.ReduceOp.MAX)
             record.update(step=step, lr=lr)
             if peak:
-                record["mfu"] = record["tokens_per_s"] * flops_per_token(raw, args.max_seq_len) / peak
+                record["mfu"] = record["tokens_per_s"] * flops_per_token(config, args.max_seq_len) / (peak * 1e12)
             if eval_set is not None and rt.is_main and (step == total or out_of_time.item() or
                                                         (args.eval_interval and step % args.eval_interval == 0)):
                 record.update(evaluate(raw, stage.loss_fn, eval_set, args, rt, stage.collate))
@@ -332,17 +330,18 @@ def train(stage: Stage, args: Namespace) -> Result:
              f"train loss {final.get('loss', float('nan')):.3f}"
              + (f", eval loss {final['eval/loss']:.3f}" if "eval/loss" in final else "") + f"; saved {weights_file}")
     if args.save_hf and rt.is_main:
-        folder = out_dir(args.out_dir) / f"{weights_file.stem}_hf"
-        raw.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
+        # a stock Llama/Qwen3 folder (MoE: ours) with eos set, loadable without this repo and by llama.cpp
+        folder = save_transformers(raw, tokenizer, out_dir(args.out_dir) / f"{weights_file.stem}-hf")
         rt.print(f"transformers folder: {folder}")
     return result
 
 
 def progress_text(record: dict[str, float]) -> str:
+    """The bar's postfix: loss, lr, speed, then the stage's own metrics (e.g. DPO's reward margin and accuracy)."""
     text = f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
     text += f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-    return text + (f" eval {record['eval/loss']:.3f}" if "eval/loss" in record else "")
+    text += "".join(f" {k[6:]} {v:.3g}" for k, v in record.items() if k.startswith("train/"))
+    return text + "".join(f" eval_{k[5:]} {v:.3g}" for k, v in record.items() if k.startswith("eval/"))
 
 
 def run(stage: Stage, args: Namespace) -> None:

@@ -10,10 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Dense bf16 peaks (TFLOP/s) by GPU name, for MFU. An unknown GPU shows no MFU rather than a wrong one.
-PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "4090": 165, "3090": 71}
-
-
 @dataclass
 class Runtime:
     device: torch.device
@@ -39,14 +35,6 @@ class Runtime:
         """print on rank 0 only."""
         if self.is_main:
             print(*args, **kwargs, flush=True)
-
-    def peak_flops(self, override_tflops: float | None) -> float | None:
-        if override_tflops:
-            return override_tflops * 1e12
-        if self.device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(self.device)
-        return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
 def best_device() -> str:
