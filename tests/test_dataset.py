@@ -263,7 +263,7 @@ def test_pretrain_bad_lines(tok, tmp_path):
     path = write_jsonl(tmp_path / "pre.jsonl", rows)
     for line in range(2, 6):
         path.write_text("\n".join(json.dumps(r) if not isinstance(r, str) else r for r in [rows[0], rows[line - 1]]))
-        with pytest.raises(DataError, match=rf"pre\.jsonl:2: (malformed JSON|.*'text')"):
+        with pytest.raises(DataError, match=r"pre\.jsonl:2: (malformed JSON|.*'text')"):
             PretrainDataset(path, tok, 4, mode="pad")
     write_jsonl(path, rows)
     ds = PretrainDataset(path, tok, 4, mode="pad", skip_bad_lines=True)
