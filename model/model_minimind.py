@@ -399,11 +399,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = (torch.arange(T, device=input_ids.device) + past).unsqueeze(0)
-        if past_key_values is not None and past_key_values.is_compileable:  # static cache: keys span the whole buffer
-            kv_len = past_key_values.get_mask_sizes(T, 0)[0]
-            mask = _static_cache_mask(attention_mask, past, T, kv_len, input_ids.device)
-        else:
-            mask = _attention_mask(attention_mask, past, T, input_ids.device)
+        static = past_key_values is not None and past_key_values.is_compileable  # preallocated: keys span the buffer
+        kv_len = past_key_values.get_mask_sizes(T, 0)[0] if static else past + T
+        mask = _attention_mask(attention_mask, past, T, kv_len, input_ids.device, static)
         h = self.dropout(self.embed_tokens(input_ids))
         rope = self.rotary_emb(position_ids, h.dtype)
         aux_total = None
@@ -414,37 +412,25 @@ class MiniMindModel(MiniMindPreTrainedModel):
         return self.norm(h), past_key_values, aux_total
 
 
-def _attention_mask(attention_mask: torch.Tensor | None, past: int, T: int, device: torch.device) -> torch.Tensor | None:
-    """The boolean [B, 1, T, K] mask (True = may attend) for T new queries after ``past`` cached positions.
+def _attention_mask(attention_mask: torch.Tensor | None, past: int | torch.Tensor, T: int, kv_len: int,
+                    device: torch.device, static: bool) -> torch.Tensor | None:
+    """The boolean [B, 1, T, kv_len] mask (True = may attend) for T new queries after ``past`` cached positions.
 
     None means "plain causal" (or "attend to everything" for a single query), which lets SDPA pick its fastest
-    kernel. A [B, K] padding mask is combined with causality; rows that may attend to nothing (left padding at the
-    start of a row) are opened up: their outputs are never used, and SDPA would return NaN for them otherwise.
-    A 4-D mask (generate builds one for the static cache) is used as given.
+    kernel. A [B, K] padding mask is combined with causality; a static cache's unwritten slots are hidden by
+    causality too. Rows that may attend to nothing (left padding at the start of a row) are opened up: their
+    outputs are never used, and SDPA would return NaN for them otherwise. A 4-D mask is used as given.
     """
     if attention_mask is not None and attention_mask.ndim == 4:
         return attention_mask
-    if attention_mask is None:
-        return _causal(T, past, device) if past and T > 1 else None
-    mask = _causal(T, attention_mask.shape[-1] - T, device) & attention_mask.bool()[:, None, None, :]
-    return mask | ~mask.any(dim=-1, keepdim=True)
-
-
-def _static_cache_mask(attention_mask, past: torch.Tensor, T: int, kv_len: int, device: torch.device) -> torch.Tensor:
-    """[B|1, 1, T, kv_len] mask over a preallocated cache: query i (at position past+i) sees slots 0..past+i."""
-    if attention_mask is not None and attention_mask.ndim == 4:
-        return attention_mask
-    mask = torch.arange(kv_len, device=device)[None, :] <= (past + torch.arange(T, device=device))[:, None]
-    mask = mask[None, None]
-    if attention_mask is not None:  # padding mask of the tokens so far; slots beyond it are hidden by causality
+    if attention_mask is None and not static and (past == 0 or T == 1):
+        return None
+    query_pos = past + torch.arange(T, device=device)
+    mask = (torch.arange(kv_len, device=device) <= query_pos[:, None])[None, None]
+    if attention_mask is not None:
         keys_ok = F.pad(attention_mask.bool(), (0, kv_len - attention_mask.shape[-1]), value=True)
         mask = mask & keys_ok[:, None, None, :]
     return mask | ~mask.any(dim=-1, keepdim=True)
-
-
-def _causal(T: int, past: int, device: torch.device) -> torch.Tensor:
-    """[T, past+T] lower-triangular mask for T queries at positions past..past+T-1."""
-    return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
 
 class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.loading import infer_config_from_state_dict, load_weights, save_weights
@@ -56,12 +56,13 @@ def test_plain_attention_matches_fused(tiny):
     torch.testing.assert_close(plain(ids).logits, fused(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("use_moe", [False, True], ids=["dense", "moe"])
-def test_kv_cache_decoding_equals_full_forward(tiny, use_moe):
+@pytest.mark.parametrize("use_moe,cache_kind", [(False, "dynamic"), (True, "dynamic"), (False, "static")])
+def test_kv_cache_decoding_equals_full_forward(tiny, use_moe, cache_kind):
     model = randomized(MiniMindForCausalLM(tiny(use_moe=use_moe, qk_norm=True)))
     ids = torch.randint(0, 6400, (2, 24))
     full = model(ids).logits
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache_kind == "dynamic" else \
+        StaticCache(config=model.config, max_cache_len=32)  # preallocated: later slots must stay masked
     steps = [model(ids[:, :16], past_key_values=cache, use_cache=True).logits]
     steps.append(model(ids[:, 16:19], past_key_values=cache, use_cache=True).logits)  # a multi-token chunk
     for t in range(19, 24):
