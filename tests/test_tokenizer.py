@@ -164,3 +164,50 @@ def test_train_tokenizer_end_to_end(tmp_path):
     assert small.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + RESERVED) == list(range(9))
     assert small.decode(small.encode(ZH + EMOJI)) == ZH + EMOJI
     assert small.apply_chat_template(CHAT, tokenize=False) == CHATML
+
+
+# MiniMind2's tokenizer_config.json layout (older transformers style: chat template inline, added_tokens_decoder,
+# a template that opens the assistant turn right after each user turn). Its tokenizer.json is a 6400-token byte-level
+# BPE with the same special ids; ours stands in for it here, since MiniMind's files cannot be downloaded in tests.
+MINIMIND2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] %}"
+    "{{ '<|im_start|>system\\n' + system_message + '<|im_end|>\\n' }}{% else %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{% set content = message['content'] %}{% if message['role'] == 'user' %}"
+    "{{ '<|im_start|>user\\n' + content + '<|im_end|>\\n<|im_start|>assistant\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ content + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}")
+
+
+def minimind2_tokenizer_folder(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((MODEL_DIR / "tokenizer.json").read_bytes())
+    special = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                        "special": True} for i, t in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False, "added_tokens_decoder": special,
+        "additional_special_tokens": [], "bos_token": "<|im_start|>", "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>", "legacy": True, "model_max_length": 32768, "pad_token": "<|endoftext|>",
+        "sp_model_kwargs": {}, "spaces_between_special_tokens": False, "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<|endoftext|>", "chat_template": MINIMIND2_TEMPLATE}))
+    return folder
+
+
+def test_minimind2_tokenizer_folder_loads_and_trains_sft(tmp_path):
+    """A folder in MiniMind2's layout loads unchanged and drives the SFT loader (assistant tokens supervised)."""
+    import torch
+
+    from dataset import SFTDataset
+    from model.loading import load_tokenizer
+
+    tok = load_tokenizer(minimind2_tokenizer_folder(tmp_path / "minimind_tokenizer"))
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]
+    text = tok.apply_chat_template(chat, tokenize=False)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\n你好<|im_end|>\n"
+                    "<|im_start|>assistant\n你好！<|im_end|>\n")
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"conversations": chat}, ensure_ascii=False) + "\n", encoding="utf-8")
+    item = SFTDataset(data, tok, 64)[0]
+    supervised = item["input_ids"][item["labels"] != -100]
+    assert tok.decode(supervised) == "你好！<|im_end|>"
+    assert torch.equal(item["labels"][item["labels"] != -100], supervised)
