@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from model.generation import ReplyStream, chat_prompt, generation_config, plain_prompt
+from model.generation import ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
 from model.loading import add_model_args, model_from_args
 from scripts.metrics import ngram_repetition
 
@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="auto: the eight fixed prompts; chat: your prompts (default: ask, or chat when stdin is piped)")
     c.add_argument("--history_cnt", type=int, default=0,
                    help="past messages kept in a chat, as MiniMind counts them: 2 = the last question and answer")
+    c.add_argument("--max_context", type=int, default=0,
+                   help="sliding window: drop the oldest turns until the prompt fits this many tokens (0: off)")
     c.add_argument("--plain", action="store_true", help="continue text without the chat template (auto for pretrain)")
     c.add_argument("--show_speed", type=int, default=1, choices=[0, 1], help="print tokens/s after each reply")
     args = p.parse_args(argv)
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         messages = messages[-args.history_cnt:] if args.history_cnt else []
         messages.append({"role": "user", "content": text})
+        if args.max_context and not plain:
+            messages = fit_history(tokenizer, messages, args.max_context)
         prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, messages)
         reply = respond(model, tokenizer, prompt, config, bool(args.show_speed))
         if reply is None:

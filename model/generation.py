@@ -56,6 +56,16 @@ def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def fit_history(tokenizer: Any, messages: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
+    """A sliding window over a long chat: drop the oldest turns (a system turn stays) until the prompt, with its open
+    assistant turn, fits ``max_tokens``. The newest message always stays, even if it alone is longer."""
+    system, turns = (messages[:1], messages[1:]) if messages and messages[0]["role"] == "system" else ([], messages)
+    while len(turns) > 1 and len(tokenizer(chat_prompt(tokenizer, system + turns), add_special_tokens=False)
+                                  .input_ids) > max_tokens:
+        turns = turns[2:] if len(turns) > 2 and turns[0]["role"] == "user" else turns[1:]  # a whole exchange
+    return system + turns
+
+
 def plain_prompt(tokenizer: Any, text: str) -> str:
     """A pretrained (not chat-tuned) model continues text. In packed pretraining every document follows an
     ``<|endoftext|>`` separator, so a prompt that starts with one looks like the start of a document."""

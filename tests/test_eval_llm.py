@@ -128,3 +128,22 @@ def test_lora_weight_is_merged_and_gives_the_adapter_outputs(tmp_path):
     assert not any("lora" in k for k in model.state_dict())
     x = torch.randint(0, 6400, (1, 12))
     torch.testing.assert_close(model(x).logits, base(x).logits, rtol=1e-4, atol=1e-5)
+
+
+@needs_tokenizer
+def test_fit_history_drops_oldest_exchanges_and_keeps_system():
+    from model.generation import fit_history
+
+    tokenizer = load_tokenizer()
+    system = {"role": "system", "content": "You are MiniMind."}
+    chat = [system]
+    for i in range(6):
+        chat += [{"role": "user", "content": f"question {i} " * 10}, {"role": "assistant", "content": f"answer {i} " * 10}]
+    chat.append({"role": "user", "content": "the newest question"})
+    full = len(tokenizer(chat_prompt(tokenizer, chat)).input_ids)
+    kept = fit_history(tokenizer, chat, full // 2)
+    assert kept[0] == system and kept[-1] == chat[-1]
+    assert kept[1]["role"] == "user" and kept[1:] == chat[len(chat) - len(kept) + 1:]  # a suffix of whole exchanges
+    assert len(tokenizer(chat_prompt(tokenizer, kept)).input_ids) <= full // 2
+    assert fit_history(tokenizer, chat, full) == chat
+    assert fit_history(tokenizer, chat, 1) == [system, chat[-1]]  # the newest message always stays
