@@ -22,16 +22,17 @@ class NullLogger:
 class SwanlabLogger(NullLogger):
     """swanlab, where any failure warns once and turns logging off instead of stopping training."""
 
-    def __init__(self, project: str, name: str, config: dict[str, Any], run_id: str | None = None):
+    def __init__(self, project: str, name: str, config: dict[str, Any], run_id: str | None = None,
+                 log_dir: str | os.PathLike = REPO_ROOT / "swanlog"):
         import swanlab
 
         self._swanlab = swanlab
         mode = os.environ.get("SWANLAB_MODE")
         if mode is None and not swanlab.Settings().api_key:  # not logged in: keep the run on disk, sync it later
             mode = "offline"
-            print("swanlab: not logged in, logging offline to ./swanlog (`swanlab login`, then `swanlab sync`)")
+            print(f"swanlab: not logged in, logging offline to {log_dir} (`swanlab login`, then `swanlab sync`)")
         self._run = self._safely(swanlab.init, project=project, name=name, config=config, mode=mode,
-                                 log_dir=str(REPO_ROOT / "swanlog"),
+                                 log_dir=str(log_dir),
                                  id=run_id, resume="allow" if run_id else None)
         self.run_id = getattr(self._run, "id", None) if self._run is not None else None
 
