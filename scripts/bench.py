@@ -71,7 +71,7 @@ def variants(baseline: Variant, compare: list[str]) -> list[Variant]:
 
 def load_batches(tokenizer, batch_size: int, seq_len: int, count: int, device: torch.device) -> dict[str, list[dict]]:
     """``count`` batches per data mode from the pretrain data (the real file if present, else the bundled demo)."""
-    path = resolve_data_path(None, ["pretrain_hq.jsonl", "pretrain_t2t_mini.jsonl"], "pretrain.jsonl")
+    path = resolve_data_path(None, ["pretrain_t2t_mini.jsonl", "pretrain_hq.jsonl"], "pretrain.jsonl")
     out = {}
     for mode in ("pack", "pad"):
         data = PretrainDataset(path, tokenizer, seq_len, mode=mode)

@@ -11,7 +11,7 @@ from trainer import Stage, build_parser, parse_args, run
 
 
 def sft_data(args: Namespace, tokenizer) -> SFTDataset:
-    path = resolve_data_path(args.data_path, ["sft_mini_512.jsonl", "sft_t2t_mini.jsonl"], "sft.jsonl")
+    path = resolve_data_path(args.data_path, ["sft_t2t_mini.jsonl", "sft_mini_512.jsonl"], "sft.jsonl")
     return SFTDataset(path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
 
 

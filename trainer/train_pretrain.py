@@ -12,7 +12,7 @@ from trainer import Stage, build_parser, parse_args, run
 
 
 def pretrain_data(args: Namespace, tokenizer) -> PretrainDataset:
-    path = resolve_data_path(args.data_path, ["pretrain_hq.jsonl", "pretrain_t2t_mini.jsonl"], "pretrain.jsonl")
+    path = resolve_data_path(args.data_path, ["pretrain_t2t_mini.jsonl", "pretrain_hq.jsonl"], "pretrain.jsonl")
     return PretrainDataset(path, tokenizer, args.max_seq_len, mode="pad" if args.pad else "pack",
                            skip_bad_lines=args.skip_bad_lines)
 
