@@ -175,7 +175,8 @@ class PretrainDataset(Dataset):
     mode="pack" (default): all documents, each followed by the document separator `<|endoftext|>`, form one token
       stream cut into rows of exactly max_seq_len tokens (no padding; the tail shorter than a row is dropped).
       Attention crosses document boundaries inside a row, as in GPT-2 / nanoGPT: the separator tells the model a
-      new document starts.
+      new document starts. With doc_mask=True items also carry `position_ids` that restart at every document
+      start, and the model then keeps each document's attention to itself (a block-diagonal causal mask).
     mode="pad": one document (+ separator) per row, truncated to max_seq_len, variable length; pad_collate pads.
 
     The token stream is built once per (file, tokenizer) into `cache_dir` (default `<data dir>/.cache/`) and
@@ -183,10 +184,10 @@ class PretrainDataset(Dataset):
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, mode: str = "pack",
-                 cache_dir: str | os.PathLike | None = None, skip_bad_lines: bool = False):
+                 cache_dir: str | os.PathLike | None = None, skip_bad_lines: bool = False, doc_mask: bool = False):
         if mode not in ("pack", "pad"):
             raise ValueError(f"mode must be 'pack' or 'pad', got {mode!r}")
-        self.path, self.max_seq_len, self.mode = Path(path), max_seq_len, mode
+        self.path, self.max_seq_len, self.mode, self.doc_mask = Path(path), max_seq_len, mode, doc_mask and mode == "pack"
         if not self.path.is_file():
             raise FileNotFoundError(f"pretrain data not found: {self.path.resolve()}. Download it with: "
                                     + DOWNLOAD_HINT.format(name=self.path.name))
@@ -271,7 +272,17 @@ class PretrainDataset(Dataset):
             start = int(self._doc_ends[i - 1]) if i else 0
             row = self._tokens[start:min(int(self._doc_ends[i]), start + self.max_seq_len)]
         ids = torch.from_numpy(row.astype(np.int64))
-        return {"input_ids": ids, "labels": ids.clone()}
+        item = {"input_ids": ids, "labels": ids.clone()}
+        if self.doc_mask:
+            item["position_ids"] = self._positions(i * self.max_seq_len)
+        return item
+
+    def _positions(self, row_start: int) -> torch.Tensor:
+        """Each token's position within its document; the row's first document counts from the row start."""
+        index = np.arange(row_start, row_start + self.max_seq_len)
+        doc = np.searchsorted(self._doc_ends, index, side="right")  # doc_ends are exclusive ends
+        doc_start = np.where(doc > 0, np.asarray(self._doc_ends)[np.maximum(doc - 1, 0)], 0)
+        return torch.from_numpy(index - np.maximum(doc_start, row_start))
 
 
 # ----------------------------------------------------------------------------------------------------------

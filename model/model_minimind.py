@@ -394,6 +394,9 @@ class MiniMindModel(MiniMindPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0  # a 0-d tensor for static caches
+        if position_ids is not None and attention_mask is None and past_key_values is None and T > 1:
+            # packed rows with positions restarting at each document: attend within the document only
+            attention_mask = _document_mask(position_ids)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:  # left padding: count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
@@ -410,6 +413,15 @@ class MiniMindModel(MiniMindPreTrainedModel):
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         return self.norm(h), past_key_values, aux_total
+
+
+def _document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] causal mask that keeps each document of a packed row to itself; a document starts where its
+    position restarts at 0 (the convention transformers uses for packed sequences)."""
+    doc = (position_ids == 0).cumsum(-1)  # [B, T]: which document each token belongs to
+    T = position_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
 
 def _attention_mask(attention_mask: torch.Tensor | None, past: int | torch.Tensor, T: int, kv_len: int,

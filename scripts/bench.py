@@ -35,7 +35,8 @@ class Variant:
     attention: str = "sdpa"  # "sdpa" (fused kernels) or "plain" (matmul + softmax)
     compile: bool = False
     fused_adamw: bool = True
-    data: str = "pack"  # "pack": full rows; "pad": one document per row, padded to the batch's longest
+    data: str = "pack"  # "pack": full rows; "docmask": packed, attention kept within documents; "pad": one
+    # document per row, padded to the batch's longest
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -62,7 +63,8 @@ def variants(baseline: Variant, compare: list[str]) -> list[Variant]:
         "attention": [replace(baseline, name="plain attention", attention="plain")],
         "compile": [replace(baseline, name="torch.compile", compile=True)],
         "fused": [replace(baseline, name="unfused AdamW", fused_adamw=False)],
-        "data": [replace(baseline, name="pad (one doc per row)", data="pad")],
+        "data": [replace(baseline, name="pack + document mask", data="docmask"),
+                 replace(baseline, name="pad (one doc per row)", data="pad")],
     }
     for key in compare:
         rows += alternatives[key]
@@ -73,8 +75,9 @@ def load_batches(tokenizer, batch_size: int, seq_len: int, count: int, device: t
     """``count`` batches per data mode from the pretrain data (the real file if present, else the bundled demo)."""
     path = resolve_data_path(None, ["pretrain_t2t_mini.jsonl", "pretrain_hq.jsonl"], "pretrain.jsonl")
     out = {}
-    for mode in ("pack", "pad"):
-        data = PretrainDataset(path, tokenizer, seq_len, mode=mode)
+    for mode in ("pack", "docmask", "pad"):
+        data = PretrainDataset(path, tokenizer, seq_len, mode="pad" if mode == "pad" else "pack",
+                               doc_mask=mode == "docmask")
         rows = [data[i % len(data)] for i in range(batch_size * count)]
         out[mode] = [{k: v.to(device) for k, v in pad_collate(rows[i : i + batch_size]).items()}
                      for i in range(0, len(rows), batch_size)]
@@ -102,7 +105,7 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
 
     def step(batch: dict) -> None:
         with autocast:
-            loss = step_model(batch["input_ids"], labels=batch["labels"]).loss
+            loss = step_model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids")).loss
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

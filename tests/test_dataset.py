@@ -214,6 +214,20 @@ def test_pack_keeps_every_token_once_in_order(tok, tmp_path):
     assert ds.n_docs == len(DOCS) and ds.n_tokens == len(stream)
 
 
+def test_doc_mask_positions_restart_after_every_separator(tok, tmp_path):
+    ds = PretrainDataset(write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS]), tok, 32, doc_mask=True)
+    restarts = 0
+    for i in range(len(ds)):
+        row, pos = ds[i]["input_ids"].tolist(), ds[i]["position_ids"].tolist()
+        assert pos[0] == 0  # a row's first (possibly cut) document counts from the row start
+        for t in range(1, 32):
+            expected = 0 if row[t - 1] == 0 else pos[t - 1] + 1  # id 0 (<|endoftext|>) ends a document
+            assert pos[t] == expected, (i, t)
+            restarts += pos[t] == 0
+    assert restarts >= len(DOCS) // 2
+    assert "position_ids" not in PretrainDataset(ds.path, tok, 32)[0]  # off by default
+
+
 def test_pad_mode_one_document_per_row(tok, tmp_path):
     ds = PretrainDataset(write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS]), tok, 24, mode="pad")
     assert len(ds) == len(DOCS)

@@ -220,3 +220,16 @@ def test_loss_is_zero_not_nan_when_nothing_is_supervised(tiny):
     model = MiniMindForCausalLM(tiny())
     ids = torch.randint(0, 6400, (2, 8))
     assert model(ids, labels=torch.full_like(ids, -100)).loss.item() == 0.0
+
+
+def test_packed_row_with_restarting_positions_keeps_documents_apart(tiny):
+    """Two documents in one row, positions restarting at the second: each part equals its document alone."""
+    model = randomized(MiniMindForCausalLM(tiny()))
+    a, b = torch.randint(3, 6400, (1, 7)), torch.randint(3, 6400, (1, 5))
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)]).unsqueeze(0)
+    packed = model(row, position_ids=positions).logits
+    torch.testing.assert_close(packed[:, :7], model(a).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[:, 7:], model(b).logits, atol=1e-5, rtol=1e-5)
+    crossing = model(row).logits  # without the positions, b attends to a: different logits
+    assert not torch.allclose(crossing[:, 7:], packed[:, 7:], atol=1e-3)

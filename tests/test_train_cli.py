@@ -39,7 +39,7 @@ def test_pretrain_then_sft_from_the_command_line(tmp_path):
                            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
         for a, b in ((rng.randint(1, 50), rng.randint(1, 50)) for _ in range(40))])
     out = tmp_path / "out"
-    pre = run_script("train_pretrain.py", *TINY, "--data_path", str(text), "--out_dir", str(out),
+    pre = run_script("train_pretrain.py", *TINY, "--data_path", str(text), "--out_dir", str(out), "--doc_mask",
                      cwd=REPO_ROOT / "trainer")  # from trainer/ ...
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert "Params: " in pre.stdout and "done: 4 steps" in pre.stdout

@@ -47,7 +47,7 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor
 
 def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross entropy on the positions whose label is not -100 (+ the MoE balancing loss)."""
-    out = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
     return out.loss, ({"aux_loss": out.aux_loss} if out.aux_loss is not None else {})
 
 

@@ -14,13 +14,15 @@ from trainer import Stage, build_parser, parse_args, run
 def pretrain_data(args: Namespace, tokenizer) -> PretrainDataset:
     path = resolve_data_path(args.data_path, ["pretrain_t2t_mini.jsonl", "pretrain_hq.jsonl"], "pretrain.jsonl")
     return PretrainDataset(path, tokenizer, args.max_seq_len, mode="pad" if args.pad else "pack",
-                           skip_bad_lines=args.skip_bad_lines)
+                           skip_bad_lines=args.skip_bad_lines, doc_mask=args.doc_mask)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser(__doc__, epochs=2, batch_size=32, learning_rate=5e-4, accumulation_steps=8,
                           max_seq_len=340, save_weight="pretrain", wandb_project="MiniMind-Pretrain")
     parser.add_argument("--pad", action="store_true", help="one document per row, padded (default: packed rows)")
+    parser.add_argument("--doc_mask", action="store_true",
+                        help="packed rows: attend within each document only (positions restart per document)")
     args = parse_args(parser, argv, cpu_demo=dict(batch_size=8, accumulation_steps=1, max_seq_len=256,
                                                   max_steps=200, time_budget=540, log_interval=10, eval_interval=100,
                                                   eval_size=64))
