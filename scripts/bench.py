@@ -25,7 +25,7 @@ import torch
 from dataset.lm_dataset import PretrainDataset, pad_collate, resolve_data_path
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.loading import load_tokenizer
+from model.loading import best_device, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -39,18 +39,11 @@ class Variant:
     # document per row, padded to the batch's longest
 
 
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
 def auto_dtype(device: torch.device) -> str:
+    """The training engine's ``--dtype auto``: bf16 on CUDA (fp16 without bf16), fp32 on CPU and MPS."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if device.type == "cpu" else "fp32"
+    return "fp32"
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -193,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--device")
-    p.add_argument("--dtype", choices=list(DTYPES), help="baseline dtype (default: bf16 on CUDA/CPU, fp32 on MPS)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="baseline dtype (default: as the engine: bf16 on CUDA, fp32 on CPU/MPS)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -204,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
 
-    device = pick_device(args.device)
+    device = torch.device(args.device or best_device())
     overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_hidden_layers)) if v}
     config = MiniMindConfig.from_preset(args.preset, **overrides)
     baseline = Variant("baseline", args.dtype or auto_dtype(device))

@@ -29,7 +29,7 @@ def test_bench_prints_markdown_tables_and_json(tmp_path):
         assert len({row.count("|") for row in rows}) == 1  # every row has the header's column count
     train_rows = tables[0].strip().splitlines()[2:]
     assert [r.split("|")[1].strip() for r in train_rows] == [
-        "baseline", "dtype fp16", "dtype fp32", "plain attention", "pack + document mask", "pad (one doc per row)"]
+        "baseline", "dtype bf16", "dtype fp16", "plain attention", "pack + document mask", "pad (one doc per row)"]
     results = json.loads((tmp_path / "r.json").read_text())
     measured = [r for r in results["train"] if "skipped" not in r]
     assert all(r["tok_s"] > 0 and r["real_tok_s"] <= r["tok_s"] for r in measured)

@@ -7,7 +7,7 @@ import copy
 from typing import Any, Sequence
 
 from model import MiniMindConfig
-from trainer.runtime import best_device
+from model.loading import best_device
 
 
 def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best there is)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                     help="autocast dtype (auto: bf16 on CUDA/CPUs with bf16 units, fp16 on older GPUs, fp32 on MPS)")
+                     help="autocast dtype (auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU and MPS)")
     run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
     run.add_argument("--num_workers", type=int, default=None, help="data loader workers (default: 0 on CPU, 4 else)")
     run.add_argument("--ddp", action="store_true", help="accepted for MiniMind's commands; torchrun sets DDP up")
