@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from model.loading import best_device
 
+
 @dataclass
 class Runtime:
     device: torch.device
