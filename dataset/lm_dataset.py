@@ -34,7 +34,7 @@ DATA_DIR = REPO_ROOT / "dataset"
 IGNORE_INDEX = -100
 CACHE_VERSION = 1  # bump when the layout of a cache file changes
 TOKENIZE_BATCH_BYTES = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
-DOWNLOAD_HINT = "python scripts/download_data.py {name}   (or --list to see every file)"
+DOWNLOAD_HINT = "python scripts/download_data.py {name}; --list shows every file"
 
 
 class DataError(ValueError):
