@@ -109,21 +109,21 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if problems or missing or unexpected:
-        lines = [f"checkpoint {source} does not fit this model ({_describe(model)})."]
+        lines = [f"checkpoint {source} does not fit this model ({describe_model(model)})."]
         lines += ["Shape mismatches:", *problems] if problems else []
-        lines += [f"Missing from the file: {_short(missing)}"] if missing else []
-        lines += [f"Not in the model: {_short(unexpected)}"] if unexpected else []
+        lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
+        lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
         lines.append(f"The file needs: {infer_config_hint(state)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _short(keys: list[str], limit: int = 6) -> str:
+def short_list(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _describe(model: nn.Module) -> str:
+def describe_model(model: nn.Module) -> str:
     config = getattr(model, "config", None)
     return config.describe() if isinstance(config, MiniMindConfig) else type(model).__name__
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.loading import _describe, _short, atomic_save, out_dir, resolve_path
+from model.loading import atomic_save, describe_model, out_dir, resolve_path, short_list
 from model.model_minimind import MiniMindConfig
 
 # Llama-layout projections. "gate_proj" matches MoE experts' gate_proj but not the router, which is named "gate".
@@ -106,14 +106,14 @@ def apply_lora(
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = [name for name, m in linears.items() if _is_target(name, m, targets)]
     if not chosen:
-        raise ValueError(f"no Linear layer matches targets {targets!r}; Linear layers: {_short(list(linears))}")
+        raise ValueError(f"no Linear layer matches targets {targets!r}; Linear layers: {short_list(list(linears))}")
     # Merging into a weight shared with another module (the tied lm_head/embedding) would change both.
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     tied = [name for name in chosen if counts[id(linears[name].weight)] > 1]
     if tied:
-        raise ValueError(f"{_short(tied)}: the weight is tied to another module (e.g. lm_head to the embedding); "
+        raise ValueError(f"{short_list(tied)}: the weight is tied to another module (e.g. lm_head to the embedding); "
                          "LoRA on it could not be merged. Choose other targets.")
     for p in model.parameters():
         p.requires_grad_(False)
@@ -243,11 +243,11 @@ def _check_fits(model: nn.Module, config: dict[str, Any], weights: dict[str, tor
     untouched = [name for name in existing if name not in config["targets"]]
     if not (problems or missing or untouched):
         return
-    lines = [f"LoRA file {path} does not fit this model ({_describe(model)})."]
+    lines = [f"LoRA file {path} does not fit this model ({describe_model(model)})."]
     lines += ["Shape mismatches:", *problems[:8]] if problems else []
     lines += [f"  ... (+{len(problems) - 8} more)"] if len(problems) > 8 else []
-    lines += [f"Layers the file adapts that this model lacks (or has no LoRA on): {_short(missing)}"] if missing else []
-    lines += [f"LoRA layers of the model the file has no tensors for: {_short(untouched)}"] if untouched else []
+    lines += [f"Layers the file adapts that this model lacks (or has no LoRA on): {short_list(missing)}"] if missing else []
+    lines += [f"LoRA layers of the model the file has no tensors for: {short_list(untouched)}"] if untouched else []
     hidden = config.get("hidden_size") or _hidden_size_of(weights)
     saved_from = f" (saved from {config['base']})" if "base" in config else ""
     lines.append(f"The file needs a base with hidden_size {hidden}{saved_from}.")
