@@ -11,12 +11,14 @@ dense model can be exported as a plain ``LlamaForCausalLM`` / ``Qwen3ForCausalLM
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -204,6 +206,11 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
+# cuDNN attention, torch's first choice on Hopper GPUs, builds a plan for every new sequence length: cheap in training,
+# where shapes repeat, but a new plan for every generated token. Inference therefore uses the flash kernels.
+INFERENCE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     """Grouped-query attention: ``num_key_value_heads`` K/V heads shared by groups of query heads."""
 
@@ -246,7 +253,9 @@ class Attention(nn.Module):
         if mask is None and T > 1 and not causal:
             raise ValueError("a multi-token step on top of a KV cache needs an attention mask")
         if self.flash:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=True)
+            with contextlib.nullcontext() if self.training else sdpa_kernel(INFERENCE_SDPA_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                                                     enable_gqa=True)
         else:
             out = self._plain_attention(q, k, v, mask, causal, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -7,7 +7,8 @@
 Training rows time one optimizer step (forward, backward, clip, AdamW) on batches of real demo data: warm-up steps
 excluded, ``--repeats`` timings of ``--steps`` steps each, median reported. Each comparison changes one setting
 against the baseline (auto dtype, fused SDPA attention, no compile, fused AdamW where available, packed rows).
-Generation rows time greedy decoding of ``--gen_lengths`` new tokens for one prompt.
+Generation rows time greedy decoding of ``--gen_lengths`` new tokens for one prompt (on CUDA, transformers compiles
+the decode step with CUDA graphs when the KV cache is static).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class Variant:
     name: str
     dtype: str
     attention: str = "sdpa"  # "sdpa" (fused kernels) or "plain" (matmul + softmax)
-    compile: bool = False
+    compile: str = ""  # "" (eager), or a torch.compile mode: "default", "reduce-overhead" (adds CUDA graphs)
     fused_adamw: bool = True
     data: str = "pack"  # "pack": full rows; "docmask": packed, attention kept within documents; "pad": one
     # document per row, padded to the batch's longest
@@ -54,7 +55,8 @@ def variants(baseline: Variant, compare: list[str]) -> list[Variant]:
     alternatives = {
         "dtype": [replace(baseline, name=f"dtype {d}", dtype=d) for d in ("bf16", "fp16", "fp32") if d != baseline.dtype],
         "attention": [replace(baseline, name="plain attention", attention="plain")],
-        "compile": [replace(baseline, name="torch.compile", compile=True)],
+        "compile": [replace(baseline, name="torch.compile", compile="default"),
+                    replace(baseline, name="torch.compile + CUDA graphs", compile="reduce-overhead")],
         "fused": [replace(baseline, name="unfused AdamW", fused_adamw=False)],
         "data": [replace(baseline, name="pack + document mask", data="docmask"),
                  replace(baseline, name="pad (one doc per row)", data="pad")],
@@ -89,11 +91,13 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
     dtype = DTYPES[variant.dtype]
     if device.type == "cpu" and variant.dtype == "fp16":
         return {"variant": variant.name, "skipped": "fp16 autocast is unusable on CPU"}
+    if device.type != "cuda" and variant.compile == "reduce-overhead":
+        return {"variant": variant.name, "skipped": "CUDA graphs need CUDA"}
     model = MiniMindForCausalLM(replace_config(config, flash_attn=variant.attention == "sdpa")).to(device).train()
     fused = variant.fused_adamw and device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == "fp16")
-    step_model = torch.compile(model) if variant.compile else model
+    step_model = torch.compile(model, mode=variant.compile) if variant.compile else model
     autocast = torch.autocast(device.type, dtype=dtype) if variant.dtype != "fp32" else nullcontext()
 
     def step(batch: dict) -> None:
@@ -118,6 +122,8 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
             step(data[i % len(data)])
         sync(device)
         times.append((time.perf_counter() - start) / args.steps)
+    if variant.name in (args.profile or []):
+        print_profile(variant.name, lambda: step(data[0]), device)
     step_time = statistics.median(times)
     tokens = sum(b["input_ids"].numel() for b in data) / len(data)
     real = sum(int((b["labels"] != -100).sum()) for b in data) / len(data)
@@ -129,6 +135,18 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
     if peak:
         row["mfu"] = flops_per_token(config, args.seq_len) * row["tok_s"] / (peak * 1e12)
     return row
+
+
+def print_profile(name: str, step, device: torch.device, rows: int = 12) -> None:
+    """Where one step's time goes: the most expensive kernels (CUDA) or operators (CPU), from torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n## profile: {name}\n" + prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
 
 
 def replace_config(config: MiniMindConfig, **changes) -> MiniMindConfig:
@@ -155,7 +173,9 @@ def bench_generate(config: MiniMindConfig, args, device: torch.device) -> list[d
                 kwargs["use_cache"] = False
             elif cache == "static":
                 kwargs["cache_implementation"] = "static"
-            model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+            # warm-up at the timed length: a static cache of another length is another shape, and on CUDA
+            # transformers compiles the decode step for a static cache (once per shape)
+            model.generate(prompt, **kwargs)
             times = []
             for _ in range(args.repeats):
                 sync(device)
@@ -165,6 +185,7 @@ def bench_generate(config: MiniMindConfig, args, device: torch.device) -> list[d
                 times.append(time.perf_counter() - start)
             assert out.shape[1] == prompt.shape[1] + length
             rows.append({"new_tokens": length, "kv_cache": cache, "tok_s": length / statistics.median(times)})
+            print(f"generation: {length} tokens, {cache} cache: {rows[-1]['tok_s']:,.1f} tokens/s", flush=True)
     return rows
 
 
@@ -187,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=list(DTYPES), help="baseline dtype (default: as the engine: bf16 on CUDA, fp32 on CPU/MPS)")
+    p.add_argument("--compile", default="", choices=["", "default", "reduce-overhead"],
+                   help="torch.compile the baseline too, in this mode (reduce-overhead: with CUDA graphs)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -194,26 +217,33 @@ def main(argv: list[str] | None = None) -> dict:
                    choices=["dtype", "attention", "compile", "fused", "data"])
     p.add_argument("--gen_lengths", type=int, nargs="*", default=[64, 256])
     p.add_argument("--peak_tflops", type=float, help="GPU bf16 peak for MFU when the name is not in the table")
+    p.add_argument("--profile", nargs="*", metavar="VARIANT",
+                   help="print the top kernels of one step for these rows, e.g. baseline torch.compile")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or best_device())
     overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_hidden_layers)) if v}
     config = MiniMindConfig.from_preset(args.preset, **overrides)
-    baseline = Variant("baseline", args.dtype or auto_dtype(device))
+    baseline = Variant("baseline", args.dtype or auto_dtype(device), compile=args.compile)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"# {args.preset} ({MiniMindForCausalLM(config).params_summary()}), batch {args.batch_size} × "
           f"{args.seq_len} tokens, {gpu}, torch {torch.__version__}, baseline {asdict(baseline)}\n")
 
     data = load_batches(load_tokenizer(), args.batch_size, args.seq_len, 4, device)
-    train = [bench_train(v, config, args, device, data[v.data]) for v in variants(baseline, args.compare)]
+    train = []
+    for variant in variants(baseline, args.compare):
+        train.append(bench_train(variant, config, args, device, data[variant.data]))
+        print(f"training: {train[-1]}", flush=True)
+        torch._dynamo.reset()  # each compiled variant starts clean (and counts against no recompile limit)
     print(markdown(train, [("variant", "training", "{}"), ("step_ms", "step (ms)", "{:.0f}"),
                            ("tok_s", "tokens/s", "{:,.0f}"), ("real_tok_s", "non-pad tokens/s", "{:,.0f}"),
                            ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem (GiB)", "{:.2f}")]))
     generation = bench_generate(config, args, device) if args.gen_lengths else []
-    print()
-    print(markdown(generation, [("new_tokens", "new tokens", "{}"), ("kv_cache", "KV cache", "{}"),
-                                ("tok_s", "generation tokens/s", "{:,.1f}")]))
+    if generation:
+        print()
+        print(markdown(generation, [("new_tokens", "new tokens", "{}"), ("kv_cache", "KV cache", "{}"),
+                                    ("tok_s", "generation tokens/s", "{:,.1f}")]))
     results = {"device": gpu, "torch": torch.__version__, "preset": args.preset, "config": overrides,
                "batch_size": args.batch_size, "seq_len": args.seq_len, "train": train, "generate": generation}
     if args.json:

@@ -2,7 +2,7 @@
 # The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> the eight standard prompts.
 # 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> 8 个标准问题自动测试。
 #
-#   bash scripts/speedrun.sh                                   # CPU: demo-sized stages on the bundled data
+#   bash scripts/speedrun.sh                                   # no data or no GPU: demo-sized stages
 #   SHAPE="--preset minimind2" bash scripts/speedrun.sh        # the model shape, for every stage and the eval
 #   bash scripts/speedrun.sh --use_wandb                       # extra flags go to every training stage
 #

@@ -141,3 +141,23 @@ def test_a_missing_from_weight_names_the_file_and_the_command_that_makes_it(tmp_
     model = tiny_model()
     with pytest.raises(FileNotFoundError, match=r"pretrain_64\.pth.*python trainer/train_pretrain\.py --hidden_size 64"):
         load_start_weights(model, "pretrain", tiny_args("--out_dir", str(tmp_path)))
+
+
+def test_a_bare_cuda_device_gets_an_index(monkeypatch):
+    """torch.cuda.set_device refuses a device without an index, so "--device cuda" (the default on a GPU) must
+    become cuda:N first. Checked here without a GPU: set_device is replaced by one that refuses the same way."""
+    from trainer import runtime
+
+    chosen = []
+
+    def set_device(device):
+        if isinstance(device, torch.device) and device.index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        chosen.append(device)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    rt = runtime.setup_runtime("cuda")
+    assert rt.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
+    assert rt.dtype == torch.bfloat16

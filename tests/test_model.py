@@ -56,6 +56,27 @@ def test_plain_attention_matches_fused(tiny):
     torch.testing.assert_close(plain(ids).logits, fused(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_inference_avoids_cudnn_attention_and_training_keeps_it(tiny, monkeypatch):
+    """cuDNN attention builds a plan per new sequence length, i.e. per generated token: eval mode must turn it off
+    for the SDPA call (read off torch's backend flags, which also exist without a GPU); training keeps the default."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = MiniMindForCausalLM(tiny())
+    ids = torch.randint(0, 6400, (1, 8))
+    model.eval()(ids)
+    assert seen and not any(seen)
+    seen.clear()
+    model.train()(ids)
+    assert seen and all(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the flag is restored after each call
+
+
 @pytest.mark.parametrize("use_moe,cache_kind", [(False, "dynamic"), (True, "dynamic"), (False, "static")])
 def test_kv_cache_decoding_equals_full_forward(tiny, use_moe, cache_kind):
     model = randomized(MiniMindForCausalLM(tiny(use_moe=use_moe, qk_norm=True)))

@@ -5,14 +5,17 @@ import os
 import random
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
+import dataset.lm_dataset as lm
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.loading import REPO_ROOT, load_weights
 from trainer import build_parser, parse_args
+from trainer.train_full_sft import sft_file
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--max_seq_len", "64", "--batch_size", "4",
         "--accumulation_steps", "1", "--max_steps", "4", "--log_interval", "2", "--eval_size", "8",
@@ -61,14 +64,35 @@ def test_pretrain_then_sft_from_the_command_line(tmp_path):
     assert sft_none.returncode != 0 and "train_pretrain.py" in sft_none.stderr  # names the command that makes it
 
 
-def test_cpu_demo_defaults_never_override_a_typed_flag(capsys):
+def test_demo_defaults_never_override_a_typed_flag(capsys):
     parser = build_parser("t", batch_size=32, max_steps=0)
     demo = dict(batch_size=8, max_steps=300)
-    args = parse_args(parser, ["--device", "cpu", "--batch_size", "2"], cpu_demo=demo)
+    args = parse_args(parser, ["--device", "cpu", "--batch_size", "2"], demo=demo)
     assert (args.batch_size, args.max_steps) == (2, 300)
-    assert "--max_steps 300" in capsys.readouterr().out
-    args = parse_args(parser, ["--device", "cuda"], cpu_demo=demo)  # a GPU run keeps MiniMind's defaults
+    assert "[cpu] no GPU" in (out := capsys.readouterr().out) and "--max_steps 300" in out
+    args = parse_args(parser, ["--device", "cuda"], demo=demo)  # a GPU run keeps MiniMind's defaults
     assert (args.batch_size, args.max_steps) == (32, 0)
+
+
+def test_demo_defaults_on_a_gpu_when_the_data_is_the_bundled_demo(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lm, "DATA_DIR", tmp_path)
+    demo_file = write_jsonl((tmp_path / "demo").mkdir() or tmp_path / "demo" / "sft.jsonl", [])
+    parser = build_parser("t", batch_size=32, max_steps=0)
+    demo = dict(batch_size=8, max_steps=300)
+
+    def parse(*flags: str) -> Namespace:  # --device cuda: parse_args never touches CUDA, so no GPU is needed
+        return parse_args(parser, ["--device", "cuda", *flags], sft_file, demo=demo)
+
+    args = parse("--max_steps", "5")
+    assert (args.batch_size, args.max_steps, args.data_path) == (8, 5, str(demo_file))
+    out = capsys.readouterr().out
+    assert out.count("[data]") == 1 and "[demo] training on the bundled demo data" in out and "--batch_size 8" in out
+    args = parse("--data_path", str(demo_file))  # a typed path is the user's choice, even the demo file
+    assert (args.batch_size, args.max_steps) == (32, 0)
+    real = write_jsonl(tmp_path / "sft_mini_512.jsonl", [])  # MiniMind's file: MiniMind's defaults
+    args = parse()
+    assert (args.batch_size, args.max_steps, args.data_path) == (32, 0, str(real))
+    assert capsys.readouterr().out == ""
 
 
 def tiny_run(out: Path, *launcher: str, batch: int) -> tuple[list[dict], dict]:

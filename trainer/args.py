@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
+from dataset import lm_dataset
 from model import MiniMindConfig
 from model.loading import best_device
 
@@ -27,6 +30,9 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="autocast dtype (auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU and MPS)")
     run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
+    run.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
+                     help="with --use_compile: reduce-overhead adds CUDA graphs (fastest for pretraining's fixed-shape "
+                          "packed rows; not with DDP, and every new batch shape records a new graph)")
     run.add_argument("--num_workers", type=int, default=None, help="data loader workers (default: 0 on CPU, 4 else)")
     run.add_argument("--ddp", action="store_true", help="accepted for MiniMind's commands; torchrun sets DDP up")
     run.add_argument("--local_rank", type=int, default=-1, help="accepted for MiniMind's commands; torchrun sets it")
@@ -78,16 +84,29 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> MiniMindConfig:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
-               cpu_demo: dict[str, Any] | None = None) -> argparse.Namespace:
-    """Parse the flags. On a CPU, ``cpu_demo`` replaces the GPU-sized defaults the user did not type, so a bare
-    ``python trainer/train_<stage>.py`` finishes in minutes; one line says so. A typed flag is never changed."""
+               data_file: Callable[[argparse.Namespace], Path] | None = None,
+               demo: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Parse the flags; ``data_file(args)`` (the stage's data lookup) is resolved once into ``args.data_path``.
+
+    On a CPU, or on the bundled demo data (no --data_path and no MiniMind file in dataset/), ``demo`` replaces the
+    GPU-sized defaults the user did not type, so a bare ``python trainer/train_<stage>.py`` finishes in minutes and
+    learns something; one line says why. A typed flag is never changed."""
     args = parser.parse_args(argv)
-    if cpu_demo and (args.device or best_device()) == "cpu":
+    demo_data = False
+    if data_file is not None:
+        path = data_file(args)
+        demo_data = args.data_path is None and path.parent == lm_dataset.DATA_DIR / "demo"
+        args.data_path = str(path)  # a str: args go into resume files and loggers
+    on_cpu = (args.device or best_device()) == "cpu"
+    if demo and (on_cpu or demo_data):
         typed = typed_flags(parser, argv)
-        changed = {k: v for k, v in cpu_demo.items() if k not in typed}
+        changed = {k: v for k, v in demo.items() if k not in typed}
         vars(args).update(changed)
         if changed:
             flags = " ".join(f"--{k} {v}" for k, v in changed.items())
-            print(f"[cpu] no GPU: a demo-sized run ({flags}). Type any of these flags to choose yourself; "
-                  f"MiniMind's full run wants a GPU.")
+            why, full = (("[cpu] no GPU", "a GPU") if on_cpu else
+                         ("[demo] training on the bundled demo data (no MiniMind files in dataset/)",
+                          "its data (download: the line above)"))
+            print(f"{why}: a demo-sized run ({flags}). Type any of these flags to choose yourself; "
+                  f"MiniMind's full run wants {full}.")
     return args

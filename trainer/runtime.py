@@ -55,8 +55,8 @@ def setup_runtime(device: str | None = None, dtype: str = "auto") -> Runtime:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device(device or best_device())
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda" and (world > 1 or dev.index is None):  # set_device needs an index: "cuda" -> "cuda:0"
+        dev = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+: ~free speed for fp32 parts

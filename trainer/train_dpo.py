@@ -6,13 +6,14 @@
 ref_c, ref_r: the same under the reference (the full-SFT model, frozen). A reply's log-probability is the sum over its
 assistant tokens (standard DPO, current MiniMind); --dpo_length_norm takes the mean instead (MiniMind2).
 
-    python trainer/train_dpo.py                              # after train_full_sft.py; CPU: demo-sized
+    python trainer/train_dpo.py                              # after train_full_sft.py; no data or no GPU: demo-sized
     python trainer/train_dpo.py --data_path dataset/dpo.jsonl                # GPU: MiniMind's recipe
 """
 
 import copy
 from argparse import Namespace
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,9 +61,12 @@ def pair_collate(items: list[Batch]) -> Batch:
             "labels": torch.cat([batch["chosen_labels"], batch["rejected_labels"]])}
 
 
+def dpo_file(args: Namespace) -> Path:
+    return resolve_data_path(args.data_path, ["dpo.jsonl"], "dpo.jsonl")
+
+
 def dpo_data(args: Namespace, tokenizer) -> DPODataset:
-    path = resolve_data_path(args.data_path, ["dpo.jsonl"], "dpo.jsonl")
-    return DPODataset(path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    return DPODataset(dpo_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
 
 
 @dataclass
@@ -105,9 +109,9 @@ def parse(argv: list[str] | None = None) -> Namespace:
                         "reference (MiniMind2: 0.1, minimind-3: 0.15)")
     parser.add_argument("--dpo_length_norm", action="store_true", help="mean log-prob per assistant token instead of "
                         "the sum (MiniMind2); rewards shrink ~length-fold, so β wants to be larger")
-    # MiniMind's 4e-8 suits its large real run; a CPU demo of ~100 steps needs ~100x more to move visibly.
-    return parse_args(parser, argv, cpu_demo=dict(max_seq_len=256, learning_rate=5e-6, max_steps=100, log_interval=5,
-                                                  eval_interval=50, eval_size=16))
+    # MiniMind's 4e-8 suits its large real run; a demo run of ~100 steps needs ~100x more to move visibly.
+    return parse_args(parser, argv, dpo_file, demo=dict(max_seq_len=256, learning_rate=5e-6, max_steps=100,
+                                                        log_interval=5, eval_interval=50, eval_size=16))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,27 +1,31 @@
 """Stage 2, full supervised fine-tuning: every weight trains on chat data; the loss is on assistant turns only.
 
-    python trainer/train_full_sft.py                         # after train_pretrain.py; CPU: demo-sized
+    python trainer/train_full_sft.py                         # after train_pretrain.py; no data or no GPU: demo-sized
     python trainer/train_full_sft.py --data_path dataset/sft_mini_512.jsonl   # GPU: MiniMind's recipe
 """
 
 from argparse import Namespace
+from pathlib import Path
 
 from dataset import SFTDataset, resolve_data_path
 from trainer import Stage, build_parser, parse_args, run
 
 
+def sft_file(args: Namespace) -> Path:
+    return resolve_data_path(args.data_path, ["sft_t2t_mini.jsonl", "sft_mini_512.jsonl"], "sft.jsonl")
+
+
 def sft_data(args: Namespace, tokenizer) -> SFTDataset:
-    path = resolve_data_path(args.data_path, ["sft_t2t_mini.jsonl", "sft_mini_512.jsonl"], "sft.jsonl")
-    return SFTDataset(path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    return SFTDataset(sft_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser(__doc__, epochs=2, batch_size=16, learning_rate=1e-5, max_seq_len=768,
                           from_weight="pretrain", save_weight="full_sft", wandb_project="MiniMind-Full-SFT")
-    # On CPU the demo pretrain is short: at MiniMind's 1e-5 a few hundred SFT steps change nothing visible.
-    args = parse_args(parser, argv, cpu_demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-4,
-                                                  max_steps=200, time_budget=540, log_interval=10,
-                                                  eval_interval=100, eval_size=32))
+    # The demo pretrain is short: at MiniMind's 1e-5 a few hundred SFT steps change nothing visible.
+    args = parse_args(parser, argv, sft_file, demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-4,
+                                                        max_steps=200, time_budget=540, log_interval=10,
+                                                        eval_interval=100, eval_size=32))
     run(Stage("full_sft", sft_data), args)
 
 

@@ -1,6 +1,6 @@
 """Stage 3a, LoRA: train a small low-rank update beside each frozen weight of the full-SFT model, on chat data.
 
-    python trainer/train_lora.py --lora_name identity        # after train_full_sft.py; CPU: demo-sized
+    python trainer/train_lora.py --lora_name identity        # after train_full_sft.py; no data or no GPU: demo-sized
     python trainer/train_lora.py --lora_name medical --data_path dataset/lora_medical.jsonl   # GPU: MiniMind's recipe
     torchrun --nproc_per_node 2 trainer/train_lora.py --lora_name identity                   # DDP
 
@@ -19,10 +19,13 @@ from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_summar
 from trainer import Stage, build_parser, parse_args, run
 
 
-def lora_data(args: Namespace, tokenizer) -> SFTDataset:
+def lora_file(args: Namespace) -> Path:
     # --lora_name medical finds MiniMind's dataset/lora_medical.jsonl; the default name finds lora_identity.jsonl
-    path = resolve_data_path(args.data_path, [f"lora_{args.lora_name}.jsonl"], "lora_identity.jsonl")
-    return SFTDataset(path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    return resolve_data_path(args.data_path, [f"lora_{args.lora_name}.jsonl"], "lora_identity.jsonl")
+
+
+def lora_data(args: Namespace, tokenizer) -> SFTDataset:
+    return SFTDataset(lora_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
 
 
 def add_lora(model: nn.Module, args: Namespace) -> None:
@@ -50,9 +53,10 @@ def parse(argv: list[str] | None = None) -> Namespace:
                       help="the update is scaled by alpha/rank (default: alpha = rank, unscaled as in MiniMind)")
     lora.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
                       help="layer names or regexes to adapt, or 'square' (MiniMind's choice: q_proj/o_proj with GQA)")
-    # The bundled identity set is small: at 1e-4 a few hundred CPU steps barely move a rank-16 adapter.
-    args = parse_args(parser, argv, cpu_demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-3, max_steps=150,
-                                                  log_interval=10, eval_interval=50, eval_size=16))
+    # The bundled identity set is small: at 1e-4 a few hundred steps barely move a rank-16 adapter.
+    args = parse_args(parser, argv, lora_file, demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-3,
+                                                         max_steps=150, log_interval=10, eval_interval=50,
+                                                         eval_size=16))
     if args.save_hf:
         parser.error("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
     return args
