@@ -45,6 +45,11 @@ class DataError(ValueError):
 # finding files
 
 
+def is_demo_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is one of the small files bundled in ``dataset/demo/``."""
+    return Path(path).resolve().parent == (DATA_DIR / "demo").resolve()
+
+
 def resolve_data_path(data_path: str | os.PathLike | None, default_names: list[str], demo_file: str) -> Path:
     """Turn --data_path into an existing file.
 

@@ -18,6 +18,7 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
@@ -137,7 +138,7 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
     return row
 
 
-def print_profile(name: str, step, device: torch.device, rows: int = 12) -> None:
+def print_profile(name: str, step: Callable[[], None], device: torch.device, rows: int = 12) -> None:
     """Where one step's time goes: the most expensive kernels (CUDA) or operators (CPU), from torch.profiler."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq_len", type=int, default=512)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=list(DTYPES), help="baseline dtype (default: as the engine: bf16 on CUDA, fp32 on CPU/MPS)")
-    p.add_argument("--compile", default="", choices=["", "default", "reduce-overhead"],
+    p.add_argument("--compile", nargs="?", const="default", default="", choices=["default", "reduce-overhead"],
                    help="torch.compile the baseline too, in this mode (reduce-overhead: with CUDA graphs)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
     p.add_argument("--warmup", type=int, default=2)
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     for variant in variants(baseline, args.compare):
         train.append(bench_train(variant, config, args, device, data[variant.data]))
         print(f"training: {train[-1]}", flush=True)
-        torch._dynamo.reset()  # each compiled variant starts clean (and counts against no recompile limit)
+        torch._dynamo.reset()  # so one variant's compiled graphs don't count against the next one's recompile limit
     print(markdown(train, [("variant", "training", "{}"), ("step_ms", "step (ms)", "{:.0f}"),
                            ("tok_s", "tokens/s", "{:,.0f}"), ("real_tok_s", "non-pad tokens/s", "{:,.0f}"),
                            ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem (GiB)", "{:.2f}")]))

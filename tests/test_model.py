@@ -56,25 +56,24 @@ def test_plain_attention_matches_fused(tiny):
     torch.testing.assert_close(plain(ids).logits, fused(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_inference_avoids_cudnn_attention_and_training_keeps_it(tiny, monkeypatch):
-    """cuDNN attention builds a plan per new sequence length, i.e. per generated token: eval mode must turn it off
-    for the SDPA call (read off torch's backend flags, which also exist without a GPU); training keeps the default."""
-    seen = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+def test_inference_on_cuda_avoids_cudnn_attention_and_training_keeps_it(tiny, monkeypatch):
+    """cuDNN attention builds a plan per new sequence length, i.e. per generated token: inference on CUDA turns it
+    off for the SDPA call (read off torch's backend flags, which exist without a GPU); training keeps the default."""
+    from model import model_minimind
 
-    def spy(*args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa(*args, **kwargs)
+    for on_cuda, training, cudnn in [(True, False, False), (True, True, True), (False, False, True)]:
+        with model_minimind.attention_backends(on_cuda, training):
+            assert torch.backends.cuda.cudnn_sdp_enabled() == cudnn
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    calls = []
+    real = model_minimind.attention_backends
+    monkeypatch.setattr(model_minimind, "attention_backends", lambda *a: calls.append(a) or real(*a))
     model = MiniMindForCausalLM(tiny())
     ids = torch.randint(0, 6400, (1, 8))
     model.eval()(ids)
-    assert seen and not any(seen)
-    seen.clear()
     model.train()(ids)
-    assert seen and all(seen)
-    assert torch.backends.cuda.cudnn_sdp_enabled()  # the flag is restored after each call
+    assert calls == [(False, False)] * 2 + [(False, True)] * 2  # every layer (2) asks, with its mode
 
 
 @pytest.mark.parametrize("use_moe,cache_kind", [(False, "dynamic"), (True, "dynamic"), (False, "static")])

@@ -76,7 +76,8 @@ def test_demo_defaults_never_override_a_typed_flag(capsys):
 
 def test_demo_defaults_on_a_gpu_when_the_data_is_the_bundled_demo(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(lm, "DATA_DIR", tmp_path)
-    demo_file = write_jsonl((tmp_path / "demo").mkdir() or tmp_path / "demo" / "sft.jsonl", [])
+    (tmp_path / "demo").mkdir()
+    demo_file = write_jsonl(tmp_path / "demo" / "sft.jsonl", [])
     parser = build_parser("t", batch_size=32, max_steps=0)
     demo = dict(batch_size=8, max_steps=300)
 
@@ -93,6 +94,19 @@ def test_demo_defaults_on_a_gpu_when_the_data_is_the_bundled_demo(tmp_path, monk
     args = parse()
     assert (args.batch_size, args.max_steps, args.data_path) == (32, 0, str(real))
     assert capsys.readouterr().out == ""
+
+
+def test_flag_mistakes_are_usage_errors_not_tracebacks(tmp_path, monkeypatch, capsys):
+    parser = build_parser("t")
+    for flags, says in [(["--data_path", str(tmp_path / "missing.jsonl")], "data file not found"),
+                        (["--compile_mode", "reduce-overhead"], "needs --use_compile 1")]:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(parser, ["--device", "cpu", *flags], sft_file)
+        assert stop.value.code == 2 and says in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun CUDA graphs are refused before any work starts
+    with pytest.raises(SystemExit):
+        parse_args(parser, ["--device", "cpu", "--use_compile", "1", "--compile_mode", "reduce-overhead"])
+    assert "does not work with DDP" in capsys.readouterr().err
 
 
 def tiny_run(out: Path, *launcher: str, batch: int) -> tuple[list[dict], dict]:

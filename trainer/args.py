@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--use_compile", type=int, default=0, choices=[0, 1], help="torch.compile the model")
     run.add_argument("--compile_mode", default="default", choices=["default", "reduce-overhead"],
                      help="with --use_compile: reduce-overhead adds CUDA graphs (fastest for pretraining's fixed-shape "
-                          "packed rows; not with DDP, and every new batch shape records a new graph)")
+                          "packed rows; not with DDP; every new batch shape, and MoE's data-dependent expert "
+                          "slices, record new graphs)")
     run.add_argument("--num_workers", type=int, default=None, help="data loader workers (default: 0 on CPU, 4 else)")
     run.add_argument("--ddp", action="store_true", help="accepted for MiniMind's commands; torchrun sets DDP up")
     run.add_argument("--local_rank", type=int, default=-1, help="accepted for MiniMind's commands; torchrun sets it")
@@ -88,24 +90,32 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
                demo: dict[str, Any] | None = None) -> argparse.Namespace:
     """Parse the flags; ``data_file(args)`` (the stage's data lookup) is resolved once into ``args.data_path``.
 
-    On a CPU, or on the bundled demo data (no --data_path and no MiniMind file in dataset/), ``demo`` replaces the
-    GPU-sized defaults the user did not type, so a bare ``python trainer/train_<stage>.py`` finishes in minutes and
-    learns something; one line says why. A typed flag is never changed."""
+    On a CPU, or on the bundled demo data (no --data_path and none of the stage's MiniMind files in dataset/),
+    ``demo`` replaces the GPU-sized defaults the user did not type, so a bare ``python trainer/train_<stage>.py``
+    finishes in minutes and learns something; one line says why. A typed flag is never changed."""
     args = parser.parse_args(argv)
+    if args.compile_mode != "default" and not args.use_compile:
+        parser.error(f"--compile_mode {args.compile_mode} needs --use_compile 1")
+    if args.compile_mode == "reduce-overhead" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        parser.error("--compile_mode reduce-overhead (CUDA graphs) does not work with DDP's gradient hooks: "
+                     "use --compile_mode default under torchrun")
     demo_data = False
     if data_file is not None:
-        path = data_file(args)
-        demo_data = args.data_path is None and path.parent == lm_dataset.DATA_DIR / "demo"
+        try:
+            path = data_file(args)
+        except FileNotFoundError as e:
+            parser.error(str(e))
+        demo_data = args.data_path is None and lm_dataset.is_demo_file(path)
         args.data_path = str(path)  # a str: args go into resume files and loggers
     on_cpu = (args.device or best_device()) == "cpu"
     if demo and (on_cpu or demo_data):
         typed = typed_flags(parser, argv)
         changed = {k: v for k, v in demo.items() if k not in typed}
         vars(args).update(changed)
-        if changed:
+        if changed and int(os.environ.get("RANK", 0)) == 0:
             flags = " ".join(f"--{k} {v}" for k, v in changed.items())
             why, full = (("[cpu] no GPU", "a GPU") if on_cpu else
-                         ("[demo] training on the bundled demo data (no MiniMind files in dataset/)",
+                         ("[demo] training on the bundled demo data (no MiniMind file for this stage in dataset/)",
                           "its data (download: the line above)"))
             print(f"{why}: a demo-sized run ({flags}). Type any of these flags to choose yourself; "
                   f"MiniMind's full run wants {full}.")

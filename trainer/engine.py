@@ -243,9 +243,6 @@ def train(stage: Stage, args: Namespace) -> Result:
         step, run_id = restore(load_resume(resume_file, stage.name, config), raw, optimizer, scaler, global_batch, rt)
         rt.print(f"[resume] {resume_file} at step {step}/{total}")
 
-    if args.use_compile and args.compile_mode == "reduce-overhead" and rt.ddp:
-        raise ValueError("--compile_mode reduce-overhead (CUDA graphs) does not work with DDP's gradient hooks: "
-                         "use --compile_mode default under torchrun")
     model: nn.Module = torch.compile(raw, mode=args.compile_mode) if args.use_compile else raw
     if rt.ddp:  # MoE: a step may route no token to some expert, whose weights then get no gradient
         model = DistributedDataParallel(model, find_unused_parameters=config.use_moe)
