@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from openai import OpenAI
 
@@ -17,9 +18,11 @@ def main() -> None:
     p.add_argument("--model", default="minimind")
     p.add_argument("--temperature", type=float, default=0.85)
     p.add_argument("--max_tokens", type=int, default=512)
+    p.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY", "none"),
+                   help="the server's --api_key (default: $MINIMIND_API_KEY)")
     p.add_argument("--history_cnt", type=int, default=0, help="past messages sent along (2 = last question + answer)")
     args = p.parse_args()
-    client = OpenAI(base_url=args.base_url, api_key="none")  # the server checks no key; the client wants one
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key)  # "none": a server without a key ignores it
     messages: list[dict[str, str]] = []
     while True:
         try:

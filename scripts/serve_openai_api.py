@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -69,9 +71,19 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 
 
 def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int = 2048,
-               max_body_bytes: int = 1_000_000) -> FastAPI:
-    """The app around a loaded model. ``max_tokens`` caps a reply, and prompt + reply must fit the model's context."""
+               max_body_bytes: int = 1_000_000, api_key: str | None = None) -> FastAPI:
+    """The app around a loaded model. ``max_tokens`` caps a reply, and prompt + reply must fit the model's context.
+    With ``api_key`` every request must send ``Authorization: Bearer <api_key>`` (what OpenAI clients send)."""
     app = FastAPI(title="minimind-lab OpenAI-compatible API")
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _check_api_key(request: Request, call_next):
+            if not secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
+                return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key")
+            return await call_next(request)
     lock = asyncio.Lock()  # one generation at a time; waiting requests queue here
     context = model.config.max_position_embeddings
     created = int(time.time())
@@ -197,17 +209,22 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (no authentication!)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (then set --api_key)")
     p.add_argument("--port", type=int, default=8998)
     p.add_argument("--model_name", default="minimind", help="the id /v1/models reports")
     p.add_argument("--max_tokens", type=int, default=2048, help="the largest max_tokens a request may ask for")
+    p.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
+                   help="require this key from clients (default: $MINIMIND_API_KEY; none: anyone may ask)")
     args = p.parse_args()
     try:
         model, tokenizer = model_from_args(args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{model.params_summary()} on {model.device}; serving http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(create_app(model, tokenizer, args.model_name, args.max_tokens), host=args.host, port=args.port)
+    if args.host not in ("127.0.0.1", "localhost") and not args.api_key:
+        print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use it", flush=True)
+    app = create_app(model, tokenizer, args.model_name, args.max_tokens, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 if __name__ == "__main__":

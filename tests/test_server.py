@@ -13,6 +13,8 @@ from model.loading import REPO_ROOT
 from tests.test_eval_llm import needs_tokenizer, tiny_checkpoint
 
 pytestmark = needs_tokenizer
+API_KEY = "test-key"
+api = httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"})  # what every request to the server sends
 
 
 def free_port() -> int:
@@ -29,7 +31,8 @@ def server(tmp_path_factory):
     log = open(out / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--weight", "full_sft", "--hidden_size",
-         "64", "--out_dir", str(out), "--port", str(port), "--max_tokens", "64"],
+         "64", "--out_dir", str(out), "--port", str(port), "--max_tokens", "64",
+         "--api_key", API_KEY],
         stdout=log, stderr=subprocess.STDOUT, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}/v1"
@@ -53,7 +56,7 @@ def server(tmp_path_factory):
 def test_openai_client_streamed_equals_non_streamed(server):
     from openai import OpenAI
 
-    client = OpenAI(base_url=server, api_key="none")
+    client = OpenAI(base_url=server, api_key=API_KEY)
     assert [m.id for m in client.models.list().data] == ["minimind"]
     messages = [{"role": "user", "content": "天空为什么是蓝色的"}]
     reply = client.chat.completions.create(model="minimind", messages=messages, temperature=0, max_tokens=20)
@@ -72,7 +75,7 @@ def test_openai_client_streamed_equals_non_streamed(server):
 
 def test_raw_stream_ends_with_done(server):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5, "temperature": 0}
-    lines = [line for line in httpx.post(f"{server}/chat/completions", json=body, timeout=60).text.split("\n") if line]
+    lines = [line for line in api.post(f"{server}/chat/completions", json=body, timeout=60).text.split("\n") if line]
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
 
@@ -88,28 +91,39 @@ def test_raw_stream_ends_with_done(server):
     b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}',  # over the 1 MB body limit
 ])
 def test_bad_requests_get_4xx_openai_errors_and_the_server_keeps_serving(server, body):
-    response = httpx.post(f"{server}/chat/completions", content=body, headers={"content-type": "application/json"},
+    response = api.post(f"{server}/chat/completions", content=body, headers={"content-type": "application/json"},
                           timeout=60)
     assert 400 <= response.status_code < 500
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
-    ok = httpx.post(f"{server}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+    ok = api.post(f"{server}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                         "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 3
 
 
 def test_prompt_longer_than_the_context_is_refused(server):
     long = "天空为什么是蓝色的" * 8000  # > 32768 tokens (a .pth carries no max_position_embeddings: MiniMind's)
-    response = httpx.post(f"{server}/chat/completions", timeout=60,
+    response = api.post(f"{server}/chat/completions", timeout=60,
                           json={"messages": [{"role": "user", "content": long}], "max_tokens": 10})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_requests_share_no_history(server):
     body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 10, "temperature": 0}
-    first = httpx.post(f"{server}/chat/completions", json=body, timeout=60).json()
+    first = api.post(f"{server}/chat/completions", json=body, timeout=60).json()
     other = {"messages": [{"role": "user", "content": "something else entirely"}], "max_tokens": 10}
-    httpx.post(f"{server}/chat/completions", json=other, timeout=60)
-    again = httpx.post(f"{server}/chat/completions", json=body, timeout=60).json()
+    api.post(f"{server}/chat/completions", json=other, timeout=60)
+    again = api.post(f"{server}/chat/completions", json=body, timeout=60).json()
     assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
     assert again["usage"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+
+
+def test_requests_without_the_api_key_are_refused(server):
+    from openai import AuthenticationError, OpenAI
+
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.get(f"{server}/models", headers=headers, timeout=10)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=server, api_key="wrong", max_retries=0).chat.completions.create(
+            model="minimind", messages=[{"role": "user", "content": "hi"}])
