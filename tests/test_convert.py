@@ -106,12 +106,48 @@ def test_exported_folder_runs_in_plain_transformers_like_ours(tmp_path):
         assert "lm_head.weight" not in f.keys()  # tied: stored once
 
 
-def test_llama_cpp_vocab_hash_of_the_shipped_tokenizer():
-    """The hash the README tells llama.cpp users to add; computed with llama.cpp's own probe text (checked once
-    against convert_hf_to_gguf.py of llama-cpp-python 0.3.36). If the tokenizer changes, update the README."""
-    from model.loading import load_tokenizer
-    from scripts.convert_model import llama_cpp_hint, llama_cpp_vocab_hash
+def test_gguf_reads_back_as_the_same_model_and_tokenizer(tmp_path, monkeypatch):
+    """What llama.cpp gets, read by an independent reader: transformers' GGUF loader undoes llama.cpp's q/k row
+    order and rebuilds the tokenizer from the vocabulary and merges. (The greedy continuations of stock llama.cpp's
+    llama-simple were also checked by hand to equal ours: README.)"""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.export_gguf import save_gguf
 
     tokenizer = load_tokenizer()
-    assert llama_cpp_vocab_hash(tokenizer) == "0e243e54b9a25453eb1a6dba872a8e9d7156a81eb5eeb166cdfb930a31abd10d"
-    assert 'res = "gpt-2"' in llama_cpp_hint(tokenizer)
+    # transformers' qwen3 GGUF mapping ignores attention.key_length (llama.cpp reads it) and assumes head_dim 128
+    for name, overrides, dtype in [("llama", {}, "f32"), ("qwen3", dict(qk_norm=True, head_dim=128), "f16")]:
+        model = tiny_checkpoint(tmp_path / name, **overrides)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "norm" in param_name:  # non-trivial norms, so a misplaced norm tensor cannot hide
+                    param.uniform_(0.5, 1.5)
+                elif dtype == "f16":  # the file stores matrices in f16 (norms in f32): compare like with like
+                    param.copy_(param.half().float())
+        path = save_gguf(model, tokenizer, tmp_path / name / "model.gguf", dtype)
+        theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+        assert type(theirs).__name__ == ARCHITECTURE[name]
+        torch.testing.assert_close(logits(theirs, 40), logits(model, 40), rtol=0, atol=1e-5)
+
+    reader = GGUFReader(str(tmp_path / "llama" / "model.gguf"))
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("tokenizer.ggml.t")}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.add_bos_token"]) == (2, False)
+    assert "<|im_start|>" in fields["tokenizer.chat_template"]
+    assert "output.weight" not in {t.name for t in reader.tensors}  # tied: llama.cpp reuses token_embd
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "llama", gguf_file="model.gguf")
+    for text in ["Hello world, it's 3.14!", "床前明月光，疑是地上霜。", "<|im_start|>user\n<think>x</think><|im_end|>",
+                 "<tool_call>{\"name\": \"f\"}</tool_call>\t \n\n  emoji 🦙"]:
+        assert theirs(text).input_ids == tokenizer(text).input_ids, text
+
+    main = runpy.run_path(str(REPO_ROOT / "scripts" / "convert_model.py"))["main"]
+    monkeypatch.setattr(sys, "argv", ["convert_model.py", "--weight", "full_sft", "--hidden_size", "64",
+                                      "--out_dir", str(tmp_path / "llama"), "--gguf"])
+    main()
+    assert (tmp_path / "llama" / "full_sft_64.gguf").stat().st_size > 0
+    tiny_checkpoint(tmp_path / "moe", use_moe=True)
+    monkeypatch.setattr(sys, "argv", ["convert_model.py", "--weight", "full_sft", "--hidden_size", "64", "--use_moe",
+                                      "1", "--out_dir", str(tmp_path / "moe"), "--gguf"])
+    with pytest.raises(SystemExit, match="dense models"):
+        main()
