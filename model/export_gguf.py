@@ -7,7 +7,7 @@ pre-tokenizers by a hash of a probe text. So we write the file ourselves with `g
   special tokens as CONTROL, the tool/think tokens as USER_DEFINED, and the chat template;
 - tensors under llama.cpp's names. Its `llama` graph applies RoPE to interleaved pairs while ours (as transformers')
   rotates the two halves of each head, so q_proj/k_proj rows are permuted as llama.cpp's converter does; `qwen3` uses
-  the half-split (NEOX) order and needs no permutation. The tied LM head is not stored: llama.cpp reuses the
+  the half-split (NEOX) order and needs no permutation. A tied LM head is not stored: llama.cpp reuses the
   embedding when `output.weight` is absent.
 """
 
@@ -53,11 +53,13 @@ def gguf_tensors(model: MiniMindForCausalLM, dtype: np.dtype) -> dict[str, np.nd
     config, arch = model.config, gguf_architecture(model)
     out = {}
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # tied to the embedding
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when output.weight is absent
         array = tensor.detach().float().cpu().numpy()
         if name == "model.embed_tokens.weight":
             key = "token_embd.weight"
+        elif name == "lm_head.weight":
+            key = "output.weight"
         elif name == "model.norm.weight":
             key = "output_norm.weight"
         else:
@@ -85,9 +87,15 @@ def gguf_architecture(model: MiniMindForCausalLM) -> str:
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
     """The vocabulary as llama.cpp's GPT-2-style BPE: tokens by id, their types, the merges and special ids."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE" or spec["pre_tokenizer"].get("type") != "ByteLevel":
-        raise ValueError("GGUF export expects a byte-level BPE tokenizer (as model/tokenizer.json is)")
+    pre = spec.get("pre_tokenizer") or {}
+    gpt2_like = (spec["model"]["type"] == "BPE" and not spec.get("normalizer") and pre.get("type") == "ByteLevel"
+                 and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+    if not gpt2_like:
+        raise ValueError("GGUF export declares the tokenizer as GPT-2's: it must be a byte-level BPE with GPT-2's split "
+                         "regex, no prefix space and no normalizer (as model/tokenizer.json is)")
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
+    if len(by_id) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(by_id)} tokens but the model only {vocab_size} embeddings")
     added = {t["id"]: t for t in spec["added_tokens"]}
     tokens, types = [], []
     for i in range(vocab_size):  # ids past the tokenizer (a model with a larger embedding) become unused slots
@@ -121,17 +129,20 @@ def save_gguf(model: MiniMindForCausalLM, tokenizer, path: str | os.PathLike, dt
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
-    writer.add_name("minimind")
-    for key, field in HYPERPARAMETERS.items():
-        getattr(writer, f"add_{key}")(getattr(config, field))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    add_tokenizer(writer, tokenizer, config.vocab_size)
-    with torch.no_grad():
-        for name, array in gguf_tensors(model, np.float16 if dtype == "f16" else np.float32).items():
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
+    try:
+        writer.add_name("minimind")
+        for key, field in HYPERPARAMETERS.items():
+            getattr(writer, f"add_{key}")(getattr(config, field))
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+        add_tokenizer(writer, tokenizer, config.vocab_size)
+        with torch.no_grad():
+            for name, array in gguf_tensors(model, np.float16 if dtype == "f16" else np.float32).items():
+                writer.add_tensor(name, array)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path

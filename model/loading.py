@@ -416,7 +416,7 @@ def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLik
     """Write ``model`` as a transformers folder: safetensors, config, generation config, tokenizer, chat template.
 
     Dense models become a stock ``LlamaForCausalLM`` (q/k-norm: ``Qwen3ForCausalLM``), loadable by
-    ``AutoModelForCausalLM`` without ``trust_remote_code`` and by llama.cpp's ``convert_hf_to_gguf.py``. MoE is saved
+    ``AutoModelForCausalLM`` without ``trust_remote_code`` (for llama.cpp see ``model/export_gguf.py``). MoE is saved
     as our own class (``model_type: minimind``): it loads where this repo is installed, or with
     ``trust_remote_code=True`` anywhere (``model_minimind.py`` is copied beside it and named in ``auto_map``).
     """

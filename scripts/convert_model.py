@@ -44,6 +44,8 @@ def main() -> None:
     args.device, args.dtype = "cpu", "float32"  # convert exactly, whatever the machine has
 
     target = "gguf" if args.gguf else "pth" if args.load_from != "model" else "hf"
+    if target == "gguf" and args.save_dtype == "bfloat16":
+        p.error("--gguf writes float16 (default) or float32 weights")
     try:
         model, tokenizer = model_from_args(args)
     except (FileNotFoundError, ValueError) as e:

@@ -70,20 +70,34 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+class RequireApiKey:
+    """ASGI middleware: refuse requests without ``Authorization: Bearer <api_key>`` (401, OpenAI's error shape).
+
+    Plain ASGI rather than ``@app.middleware``: that wrapper detaches streamed responses from the client connection,
+    so a client hanging up would no longer stop its generation."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            sent = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(sent, self.expected):
+                response = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int = 2048,
                max_body_bytes: int = 1_000_000, api_key: str | None = None) -> FastAPI:
     """The app around a loaded model. ``max_tokens`` caps a reply, and prompt + reply must fit the model's context.
     With ``api_key`` every request must send ``Authorization: Bearer <api_key>`` (what OpenAI clients send)."""
     app = FastAPI(title="minimind-lab OpenAI-compatible API")
     if api_key:
-        expected = f"Bearer {api_key}".encode()
-
-        @app.middleware("http")
-        async def _check_api_key(request: Request, call_next):
-            if not secrets.compare_digest(request.headers.get("authorization", "").encode(), expected):
-                return error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                      code="invalid_api_key")
-            return await call_next(request)
+        app.add_middleware(RequireApiKey, api_key=api_key)
     lock = asyncio.Lock()  # one generation at a time; waiting requests queue here
     context = model.config.max_position_embeddings
     created = int(time.time())
@@ -221,7 +235,7 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"{model.params_summary()} on {model.device}; serving http://{args.host}:{args.port}/v1", flush=True)
-    if args.host not in ("127.0.0.1", "localhost") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use it", flush=True)
     app = create_app(model, tokenizer, args.model_name, args.max_tokens, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port)

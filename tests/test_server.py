@@ -124,6 +124,27 @@ def test_requests_without_the_api_key_are_refused(server):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         response = httpx.get(f"{server}/models", headers=headers, timeout=10)
         assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+        assert response.headers["www-authenticate"] == "Bearer"
+    streamed = httpx.post(f"{server}/chat/completions", timeout=10,
+                          json={"messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert streamed.status_code == 401
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=server, api_key="wrong", max_retries=0).chat.completions.create(
             model="minimind", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_without_a_key_the_app_asks_for_none():
+    """The keyless app (the default on 127.0.0.1), in-process: no Authorization header needed."""
+    from fastapi.testclient import TestClient
+
+    from model import MiniMindConfig, MiniMindForCausalLM
+    from model.loading import load_tokenizer
+    from scripts.serve_openai_api import create_app
+    from tests.test_eval_llm import SHAPE
+
+    app = create_app(MiniMindForCausalLM(MiniMindConfig(**SHAPE)).eval(), load_tokenizer(), max_tokens=8)
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 200
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 4
