@@ -13,6 +13,7 @@ loss). `pad_collate` batches them.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -130,6 +131,31 @@ def _cached(source: Path, cache_dir: str | os.PathLike | None, kind: str, key: d
                 for f in tmp.values():
                     f.unlink(missing_ok=True)
     return files, json.loads(meta_file.read_text()), built
+
+
+def stale_caches(folder: str | os.PathLike) -> list[tuple[Path, str]]:
+    """The caches in ``folder`` that can never be used again, with why: their source file is gone or has changed
+    since (size or mtime), or another cache version built them. Another tokenizer's cache of a file is not stale."""
+    stale = []
+    for meta_file in sorted(Path(folder).glob("*.meta.json")):
+        try:
+            key = json.loads(meta_file.read_text())["key"]
+        except (OSError, ValueError, KeyError):
+            continue  # not one of ours
+        source = Path(key["source"])
+        if key.get("version") != CACHE_VERSION:
+            stale.append((meta_file, f"cache version {key.get('version')} (now {CACHE_VERSION})"))
+        elif not source.is_file():
+            stale.append((meta_file, f"{source} is gone"))
+        elif (source.stat().st_size, source.stat().st_mtime_ns) != (key["size"], key["mtime_ns"]):
+            stale.append((meta_file, f"{source} changed since"))
+    return stale
+
+
+def cache_files(meta_file: Path) -> list[Path]:
+    """Every file of the cache that ``meta_file`` describes (its parts, its lock file), the meta file last."""
+    stem = meta_file.name.removesuffix(".meta.json")
+    return [f for f in sorted(meta_file.parent.glob(glob.escape(stem) + ".*")) if f != meta_file] + [meta_file]
 
 
 def _line_index(tmp: dict[str, Path], source: Path) -> dict:

@@ -256,6 +256,29 @@ def test_cache_reused_and_invalidated(tok, tmp_path):
     assert not list((tmp_path / ".cache").glob("*.tmp*"))
 
 
+def test_clean_cache_removes_only_caches_that_can_never_be_used_again(tok, tmp_path, capsys):
+    from scripts.clean_cache import main as clean_cache
+
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS])
+    gone = write_jsonl(tmp_path / "gone.jsonl", [{"text": d} for d in DOCS])
+    old = PretrainDataset(path, tok, 32).files
+    PretrainDataset(gone, tok, 32)
+    gone.unlink()
+    write_jsonl(path, [{"text": d} for d in DOCS[:10]])  # the source changed: a new cache is built beside the old
+    new = PretrainDataset(path, tok, 32).files
+    other_tokenizer = PretrainDataset(path, make_tokenizer(vocab_size=300), 32).files
+    cache = tmp_path / ".cache"
+    clean_cache(["--cache_dir", str(cache)])  # lists, deletes nothing
+    out = capsys.readouterr().out
+    assert out.count("STALE") == 2 and "changed since" in out and "is gone" in out and "--delete" in out
+    assert all(f.exists() for f in old.values())
+    clean_cache(["--cache_dir", str(cache), "--delete"])
+    assert not any(f.exists() for f in old.values()) and not list(cache.glob("gone.jsonl.*"))
+    assert all(f.exists() for f in [*new.values(), *other_tokenizer.values()])
+    assert "freed" in capsys.readouterr().out
+    assert PretrainDataset(path, tok, 32).built_cache is False  # the valid cache still serves
+
+
 def _build_in_process(path, cache_dir, queue):
     queue.put(PretrainDataset(path, make_tokenizer(), 32, cache_dir=cache_dir).built_cache)
 
