@@ -143,11 +143,12 @@ def stale_caches(folder: str | os.PathLike) -> list[tuple[Path, str]]:
         except (OSError, ValueError, KeyError):
             continue  # not one of ours
         source = Path(key["source"])
+        stat = source.stat() if source.is_file() else None
         if key.get("version") != CACHE_VERSION:
             stale.append((meta_file, f"cache version {key.get('version')} (now {CACHE_VERSION})"))
-        elif not source.is_file():
+        elif stat is None:
             stale.append((meta_file, f"{source} is gone"))
-        elif (source.stat().st_size, source.stat().st_mtime_ns) != (key["size"], key["mtime_ns"]):
+        elif (stat.st_size, stat.st_mtime_ns) != (key["size"], key["mtime_ns"]):
             stale.append((meta_file, f"{source} changed since"))
     return stale
 

@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delete", action="store_true", help="remove the stale caches")
     args = p.parse_args(argv)
     folders = [Path(f) for f in args.cache_dir] if args.cache_dir else sorted(DATA_DIR.rglob(".cache"))
-    freed = 0
+    freed, stale_seen = 0, False
     for folder in folders:
         stale = dict(stale_caches(folder))
+        stale_seen |= bool(stale)
         for meta_file in sorted(folder.glob("*.meta.json")):
             files = cache_files(meta_file)
             size = sum(f.stat().st_size for f in files if f.is_file())
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"      could not delete {e.filename}: {e.strerror}; the rest stays listed")
     if args.delete:
         print(f"freed {freed / 2**20:.1f} MiB")
-    elif any(stale_caches(f) for f in folders):
+    elif stale_seen:
         print("remove the stale ones with --delete (when no training job is running)")
 
 
