@@ -1,7 +1,10 @@
 """swanlab for real (offline: no network), and the promise that logging never stops a training run."""
 
 import pytest
+import torch
 
+from tests.ddp_train import tiny_args, token_rows
+from trainer import Stage, train
 from trainer.logger import NullLogger, SwanlabLogger, make_logger
 
 
@@ -53,3 +56,14 @@ def test_a_logging_failure_warns_once_and_training_goes_on(tmp_path, monkeypatch
 def test_only_rank_zero_logs_and_only_when_asked():
     assert type(make_logger(False, True, "p", "n", {})) is NullLogger
     assert type(make_logger(True, False, "p", "n", {})) is NullLogger
+
+
+def test_a_resumed_run_logs_to_the_same_swanlab_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
+    flags = ("--out_dir", str(tmp_path), "--use_wandb", "--save_interval", "2")
+    train(Stage("pretrain", token_rows), tiny_args(*flags, "--max_steps", "2"))
+    run_id = torch.load(tmp_path / "pretrain_64_resume.pth", weights_only=True)["run_id"]
+    train(Stage("pretrain", token_rows), tiny_args(*flags, "--max_steps", "4", "--from_resume", "1"))
+    runs = run_files(tmp_path / "swanlog")
+    assert run_id and len(runs) == 2 and all(run.name == f"run-{run_id}.swanlab" for run in runs)

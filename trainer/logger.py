@@ -23,8 +23,10 @@ class SwanlabLogger(NullLogger):
     """swanlab, where any failure warns once and turns logging off instead of stopping training."""
 
     def __init__(self, project: str, name: str, config: dict[str, Any], run_id: str | None = None,
-                 log_dir: str | os.PathLike = REPO_ROOT / "swanlog"):
+                 log_dir: str | os.PathLike | None = None):
         import swanlab
+
+        log_dir = log_dir or os.environ.get("SWANLAB_LOG_DIR") or REPO_ROOT / "swanlog"
 
         self._swanlab = swanlab
         mode = os.environ.get("SWANLAB_MODE")
