@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--history_cnt counts messages, a question and its answer being 2: use 0, 2, 4, ...")
     if args.max_new_tokens < 1 or args.num_beams < 1:
         p.error("--max_new_tokens and --num_beams must be at least 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
+        p.error("sampling needs --temperature >= 0, --top_k >= 0 (0: off), 0 < --top_p <= 1, --repetition_penalty > 0")
     return args
 
 

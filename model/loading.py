@@ -64,11 +64,29 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-    """A plain state dict in MiniMind's layout (half precision by default), written atomically."""
+    """A plain state dict in MiniMind's layout (half precision by default), written atomically, with the model's
+    config beside it (``full_sft_512.pth`` -> ``full_sft_512.json``): the tensors tell the shape, but not what
+    ``load_model`` would otherwise have to guess from a preset (MoE top-k, RMSNorm eps, aux-loss alpha)."""
     model = getattr(model, "module", model)  # unwrap DDP
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()}
+    config = getattr(model, "config", None)
+    if isinstance(config, MiniMindConfig):
+        atomic_write_text(config.to_json_string(use_diff=False), config_path(path))
     atomic_save(state, path)
     return Path(path)
+
+
+def config_path(weights: str | os.PathLike) -> Path:
+    """The config file that ``save_weights`` writes beside a weights file."""
+    return Path(weights).with_suffix(".json")
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -98,6 +116,10 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> nn.Module:
     """``load_weights`` for tensors already in memory (e.g. read from a transformers folder); ``source`` names them."""
     own = model.state_dict()
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and not _head_is_tied(state):
+        raise ValueError(f"checkpoint {source} has an lm_head.weight of its own (untied embeddings), but this model "
+                         "ties its head to the embedding: build it with tie_word_embeddings=False (load_model reads "
+                         "this off the file)")
     tied = getattr(model, "_tied_weights_keys", None) or {}
     for key, tied_to in tied.items():  # checkpoints may store the tied head or omit it
         if key not in state and tied_to in state:
@@ -113,7 +135,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
         lines += ["Shape mismatches:", *problems] if problems else []
         lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
         lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
-        lines.append(f"The file needs: {infer_config_hint(state)}")
+        lines.append(f"The file needs: {infer_config_hint(state, source)}")
         raise ValueError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return model
@@ -136,7 +158,7 @@ def infer_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, An
     head_dim = q_norm.shape[0] if q_norm is not None else None
     fields: dict[str, Any] = dict(
         vocab_size=state["model.embed_tokens.weight"].shape[0], hidden_size=hidden, num_hidden_layers=layers,
-        qk_norm=q_norm is not None,
+        qk_norm=q_norm is not None, tie_word_embeddings=_head_is_tied(state),
     )
     experts = {int(k.split(".")[5]) for k in state if ".mlp.experts." in k}
     fields["use_moe"] = bool(experts)
@@ -151,12 +173,19 @@ def infer_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, An
     return fields
 
 
-def infer_config_hint(state: dict[str, torch.Tensor]) -> str:
+def _head_is_tied(state: dict[str, torch.Tensor]) -> bool:
+    """Whether the file's LM head is its embedding: absent, the same storage (tied when saved), or equal values."""
+    head, embedding = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if head is None or embedding is None:
+        return True
+    return head.data_ptr() == embedding.data_ptr() or (head.shape == embedding.shape and torch.equal(head, embedding))
+
+
+def infer_config_hint(state: dict[str, torch.Tensor], source: str | os.PathLike = "checkpoint") -> str:
     try:
-        f = infer_config_from_state_dict(state)
-    except (KeyError, ValueError, IndexError):
+        return config_for_state_dict(state, source).describe()
+    except ValueError:
         return "(not a MiniMind checkpoint: no model.embed_tokens.weight / model.layers.* tensors)"
-    return MiniMindConfig(**f).describe()
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):
@@ -185,6 +214,17 @@ def best_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def check_device(device: str | torch.device) -> str:
+    """``device`` if this machine has it, else a ValueError naming the best one it has (not torch's assertion)."""
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, NotImplementedError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"device {str(device)!r} is not usable here ({reason}); this machine has {best_device()!r}") \
+            from None
+    return str(device)
 
 
 def inference_dtype(device: str | torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
@@ -248,7 +288,7 @@ def load_model(
     if tokenizer is None and source.is_dir() and (source / "tokenizer_config.json").is_file():
         tokenizer = source
     tok = load_tokenizer(tokenizer)
-    device = device or best_device()
+    device = check_device(device or best_device())
     model = model.to(device=device, dtype=inference_dtype(device, dtype)).eval()
     # Saved with the model by save_pretrained, so exported folders stop at <|im_end|> too (no endless generation).
     model.generation_config.eos_token_id = stop_token_ids(tok)
@@ -301,8 +341,9 @@ def config_for_state_dict(
     use_moe: bool | None = None,
     preset: str | None = None,
 ) -> MiniMindConfig:
-    """The config that fits ``state``: its shape read off the tensors, the rest from the preset (given, or the one
-    of the same shape). Typed shape flags that disagree with the file get a note: the file wins."""
+    """The config that fits ``state``: its shape read off the tensors; the rest from the config ``save_weights`` wrote
+    beside the file, else from the preset (given, or the one of the same shape). Typed shape flags that disagree with
+    the file get a note: the file wins."""
     try:
         found = infer_config_from_state_dict(state)
     except (KeyError, ValueError, IndexError):
@@ -312,6 +353,9 @@ def config_for_state_dict(
         if value is not None and value != found[flag]:
             print(f"note: {source} has --{flag} {int(found[flag])}, not {int(value)}: using the file's shape",
                   file=sys.stderr)
+    saved = _saved_config(source, found)
+    if saved is not None:
+        return saved
     fields = {**(PRESETS[preset] if preset else _preset_of_shape(found)), **found}
     # Heads: with q/k-norm the file tells head_dim; otherwise it cannot, and MiniMind's 8 heads (or the preset's)
     # are assumed, as every trainer here builds them.
@@ -320,6 +364,23 @@ def config_for_state_dict(
     fields["num_attention_heads"] = state["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim
     fields["num_key_value_heads"] = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
     return MiniMindConfig(**fields)
+
+
+def _saved_config(source: str | os.PathLike, found: dict[str, Any]) -> MiniMindConfig | None:
+    """The config saved beside the weights file ``source``, if there is one and it has the tensors' shape."""
+    path = config_path(source)
+    if not path.is_file():
+        return None
+    try:
+        config = MiniMindConfig.from_json_file(str(path))
+    except (OSError, ValueError, TypeError) as e:
+        print(f"note: ignoring {path} ({e})", file=sys.stderr)
+        return None
+    differs = [k for k, v in found.items() if getattr(config, k, None) != v]
+    if differs:
+        print(f"note: ignoring {path}: it describes another shape ({', '.join(differs)})", file=sys.stderr)
+        return None
+    return config
 
 
 def _preset_of_shape(found: dict[str, Any]) -> dict[str, Any]:
@@ -424,9 +485,12 @@ def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLik
 
     from model.generation import stop_token_ids
 
+    model = getattr(model, "module", model)
+    if any(name.endswith((".lora_A", ".lora_B")) for name in model.state_dict()):
+        raise ValueError("the model has unmerged LoRA layers: merge them first (model.model_lora.merge_lora), or "
+                         "save the adapter alone with save_lora")
     folder = resolve_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "module", model)
     if model.config.use_moe:
         out = copy.deepcopy(model).to("cpu", dtype)
         out.config.auto_map = {"AutoConfig": "model_minimind.MiniMindConfig",

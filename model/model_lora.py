@@ -168,7 +168,7 @@ def lora_config(model: nn.Module) -> dict[str, Any]:
     config: dict[str, Any] = dict(rank=first.rank, alpha=first.alpha, dropout=dropout, targets=list(layers))
     base = getattr(model, "config", None)
     if isinstance(base, MiniMindConfig):
-        config.update(hidden_size=base.hidden_size, base=base.describe())
+        config.update(hidden_size=base.hidden_size, num_hidden_layers=base.num_hidden_layers, base=base.describe())
     return config
 
 
@@ -222,6 +222,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     with torch.no_grad():
         for key, param in lora_state_dict(model).items():
             param.copy_(weights[key])  # copy_ casts an fp16 file to the model's dtype
+    for layer in _lora_layers(model).values():  # layers that were there already take the file's scale too
+        layer.alpha, layer.scale = config["alpha"], config["alpha"] / layer.rank
     return list(_lora_layers(model))
 
 
@@ -241,6 +243,12 @@ def _check_fits(model: nn.Module, config: dict[str, Any], weights: dict[str, tor
             if have != need:
                 problems.append(f"  {key}: file has {have}, model needs {need}")
     untouched = [name for name in existing if name not in config["targets"]]
+    # MiniMind adapts every layer, so a file's layer count is its highest layer index + 1 unless the file says it.
+    file_layers = config.get("num_hidden_layers") or 1 + max(
+        (int(m.group(1)) for t in config["targets"] if (m := re.match(r"model\.layers\.(\d+)\.", t))), default=-1)
+    model_layers = getattr(getattr(model, "config", None), "num_hidden_layers", file_layers)
+    if file_layers != model_layers:
+        problems.append(f"  the file adapts a {file_layers}-layer model; this one has {model_layers} layers")
     if not (problems or missing or untouched):
         return
     lines = [f"LoRA file {path} does not fit this model ({describe_model(model)})."]

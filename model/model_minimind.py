@@ -98,13 +98,28 @@ class MiniMindConfig(PretrainedConfig):
         return f"{self.hidden_size}_moe" if self.use_moe else str(self.hidden_size)
 
     def describe(self) -> str:
-        """The shape in the flags a user would type to rebuild it."""
-        desc = f"--hidden_size {self.hidden_size} --num_hidden_layers {self.num_hidden_layers}"
-        desc += f" --use_moe {int(self.use_moe)}"
-        matching = [name for name, p in PRESETS.items() if all(getattr(self, k) == v for k, v in p.items())]
-        preset = max(matching, key=lambda name: len(PRESETS[name]), default=None)  # the most specific match
-        return desc + (f" (preset {preset})" if preset else "")
+        """The shape as the flags a trainer takes to rebuild it: MiniMind's size flags, or ``--preset NAME`` plus the
+        size flags that differ from it, whichever fits better; what no flag sets (heads, widths, ...) follows in
+        parentheses."""
+        sizes = dict(hidden_size=self.hidden_size, num_hidden_layers=self.num_hidden_layers, use_moe=self.use_moe)
+        candidates = [("", sizes, MiniMindConfig(**sizes))]  # (preset, size flags to type, the config they build)
+        for name in PRESETS:
+            typed = {k: v for k, v in sizes.items() if getattr(MiniMindConfig.from_preset(name), k) != v}
+            candidates.append((name, typed, MiniMindConfig.from_preset(name, **typed)))
 
+        def unmatched(config: MiniMindConfig) -> list[str]:
+            return [k for k in SHAPE_FIELDS if getattr(config, k) != getattr(self, k)]
+
+        preset, typed, closest = min(candidates, key=lambda c: len(unmatched(c[2])))  # ties: plain flags first
+        desc = " ".join([f"--preset {preset}"] * bool(preset) + [f"--{k} {int(v)}" for k, v in typed.items()])
+        rest = [f"{k}={getattr(self, k)}" for k in unmatched(closest)]
+        return desc + (f" ({', '.join(rest)})" if rest else "")
+
+
+# The fields that decide which weights a model has and how they compute (describe() names any a preset misses).
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                "intermediate_size", "qk_norm", "tie_word_embeddings", "rms_norm_eps", "use_moe", "n_routed_experts",
+                "num_experts_per_tok", "n_shared_experts")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # MiniMind2-Small, 26M

@@ -152,3 +152,13 @@ def test_gguf_reads_back_as_the_same_model_and_tokenizer(tmp_path, monkeypatch):
                                       "1", "--out_dir", str(tmp_path / "moe"), "--gguf"])
     with pytest.raises(SystemExit, match="dense models"):
         main()
+
+
+def test_unmerged_lora_layers_are_refused_with_what_to_do(tmp_path):
+    from model.model_lora import apply_lora
+
+    model = tiny_checkpoint(tmp_path)
+    apply_lora(model, rank=2)
+    with pytest.raises(ValueError, match="unmerged LoRA layers: merge them first"):
+        save_transformers(model, load_tokenizer(), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

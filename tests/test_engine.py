@@ -108,7 +108,8 @@ def test_a_save_interrupted_mid_write_leaves_the_previous_checkpoint(tmp_path, m
     monkeypatch.undo()
     assert resume_state(tmp_path)["step"] == 2
     load_weights(tiny_model(), tmp_path / "pretrain_64.pth")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pretrain_64.pth", "pretrain_64_resume.pth"]  # no temp
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["pretrain_64.json", "pretrain_64.pth", "pretrain_64_resume.pth"]  # no temp files
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -10,7 +10,9 @@ import torch
 
 from model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.generation import ReplyStream, chat_prompt, generation_config
-from model.loading import REPO_ROOT, TOKENIZER_DIR, config_for_state_dict, load_model, load_tokenizer, save_weights
+from model.loading import (
+    REPO_ROOT, TOKENIZER_DIR, config_for_state_dict, load_model, load_tokenizer, load_weights, save_weights,
+)
 
 # 8 heads: without q/k-norm a file cannot tell its head count, and the loader assumes MiniMind's 8.
 # initializer_range 0.2: random weights that say varied things (at 0.02 they repeat one token).
@@ -147,3 +149,57 @@ def test_fit_history_drops_oldest_exchanges_and_keeps_system():
     assert len(tokenizer(chat_prompt(tokenizer, kept)).input_ids) <= full // 2
     assert fit_history(tokenizer, chat, full) == chat
     assert fit_history(tokenizer, chat, 1) == [system, chat[-1]]  # the newest message always stays
+
+
+def test_an_untied_checkpoint_loads_with_its_own_head(tmp_path):
+    saved = tiny_checkpoint(tmp_path, tie_word_embeddings=False)
+    (tmp_path / "full_sft_64.json").unlink()  # a MiniMind .pth comes without our config: the tensors must tell
+    model, _ = load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")
+    assert model.config.tie_word_embeddings is False
+    x = torch.randint(0, 6400, (1, 12))
+    torch.testing.assert_close(model(x).logits, saved(x).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="untied embeddings.*tie_word_embeddings=False"):
+        load_weights(MiniMindForCausalLM(MiniMindConfig(**SHAPE)), tmp_path / "full_sft_64.pth")
+
+
+def test_the_config_saved_beside_the_weights_gives_what_tensors_cannot(tmp_path, capsys):
+    """A reduced minimind3-moe matches no preset by shape: its top-1 routing and eps 1e-6 come from the .json."""
+    torch.manual_seed(0)
+    config = MiniMindConfig.from_preset("minimind3-moe", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                                        initializer_range=0.2)
+    saved = MiniMindForCausalLM(config).eval()
+    path = save_weights(saved, tmp_path / "full_sft_64_moe.pth", dtype=torch.float32)
+    model, _ = load_model(path, device="cpu")
+    got = {k: getattr(model.config, k) for k in ("num_experts_per_tok", "n_shared_experts", "rms_norm_eps")}
+    assert got == {"num_experts_per_tok": 1, "n_shared_experts": 0, "rms_norm_eps": 1e-6}
+    x = torch.randint(0, 6400, (1, 12))
+    torch.testing.assert_close(model(x).logits, saved(x).logits, rtol=0, atol=0)
+
+    # A .json left over from a model of another shape is ignored (with a note): the tensors win.
+    (tmp_path / "full_sft_64_moe.json").write_text(MiniMindConfig(**SHAPE).to_json_string())
+    model, _ = load_model(path, device="cpu")
+    assert model.config.num_experts_per_tok == 2 and "describes another shape" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_shape_names_the_flags_it_needs(tmp_path):
+    config = MiniMindConfig.from_preset("minimind3", hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    path = save_weights(MiniMindForCausalLM(config), tmp_path / "pretrain_64.pth")
+    with pytest.raises(ValueError) as err:
+        load_weights(MiniMindForCausalLM(MiniMindConfig(**SHAPE)), path)
+    assert "The file needs: --preset minimind3 --hidden_size 64 --num_hidden_layers 2 (intermediate_size=128)" \
+        in str(err.value)
+
+
+def test_bad_sampling_flags_and_a_missing_device_are_one_line_errors(tmp_path, capsys):
+    main = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))["main"]
+    for flags in (["--top_k", "-1"], ["--top_p", "0"], ["--repetition_penalty", "0"], ["--temperature", "-1"]):
+        with pytest.raises(SystemExit) as exit:
+            main(flags)
+        assert exit.value.code == 2 and "sampling needs" in capsys.readouterr().err
+    tiny_checkpoint(tmp_path)
+    missing = "mps" if torch.cuda.is_available() else "cuda"
+    if torch.cuda.is_available() and torch.backends.mps.is_available():
+        pytest.skip("this machine has both CUDA and MPS")
+    with pytest.raises(SystemExit) as exit:
+        main(["--hidden_size", "64", "--out_dir", str(tmp_path), "--device", missing])
+    assert f"error: device '{missing}' is not usable here" in str(exit.value.code)

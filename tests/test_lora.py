@@ -122,9 +122,22 @@ def test_lora_for_another_base_shape_is_refused(tiny, tmp_path):
     assert "hidden_size 64" in message
     assert not any(isinstance(m, LoRALinear) for m in wider.modules()), "a refused file must leave the model as it was"
 
-    deeper = MiniMindForCausalLM(tiny(num_hidden_layers=1))
+    shallower = MiniMindForCausalLM(tiny(num_hidden_layers=1))
     with pytest.raises(ValueError, match=r"lacks.*model\.layers\.1\."):
+        load_lora(shallower, path)
+    deeper = MiniMindForCausalLM(tiny(num_hidden_layers=3))  # every layer the file names exists here too
+    with pytest.raises(ValueError, match="the file adapts a 2-layer model; this one has 3 layers"):
         load_lora(deeper, path)
+
+
+def test_loading_into_existing_lora_layers_takes_the_files_alpha(tiny, tmp_path):
+    base, model, _ = _base_and_lora(tiny(), rank=4, alpha=8)
+    _randomize_lora(model)
+    path = save_lora(model, tmp_path / "lora_64.pth")
+    apply_lora(base, rank=4, alpha=4)
+    load_lora(base, path)
+    x = _tokens()
+    torch.testing.assert_close(_logits(base, x), _logits(model, x))
 
 
 def test_square_targets_and_defaults(tiny):
