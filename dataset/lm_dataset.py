@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "dataset"
 IGNORE_INDEX = -100
-CACHE_VERSION = 1  # bump when the layout of a cache file changes
+CACHE_VERSION = 2  # bump when what a cache file holds changes (2: blank lines of spaces or "\r" are not rows)
 TOKENIZE_BATCH_BYTES = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
 DOWNLOAD_HINT = "python scripts/download_data.py {name}; --list shows every file"
 
@@ -159,24 +159,32 @@ def cache_files(meta_file: Path) -> list[Path]:
     return [f for f in sorted(meta_file.parent.glob(glob.escape(stem) + ".*")) if f != meta_file] + [meta_file]
 
 
+INDEX_CHUNK_BYTES = 16 << 20  # how much of a jsonl file the indexer reads at a time
+
+
 def _line_index(tmp: dict[str, Path], source: Path) -> dict:
-    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-empty line of `source`."""
+    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`."""
     n_rows = lineno = offset = 0
-    chunk_size = 16 << 20
+    short = 16  # a blank line ("\r", spaces) is a short one: only lines of <= 16 bytes are looked at
     with open(source, "rb") as f, open(tmp["lines"], "wb") as out, \
             tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"indexing {source.name}") as bar:
-        line_start = 0
-        while chunk := f.read(chunk_size):
+        line_start, carry = 0, b""  # carry: the start of a line that runs on into the next chunk (if short)
+        while chunk := f.read(INDEX_CHUNK_BYTES):
             ends = offset + np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
             if len(ends):
                 starts = np.concatenate([[line_start], ends[:-1] + 1])
-                keep = ends > starts  # empty lines are not rows, but still count for line numbers
+                keep = ends > starts  # blank lines are not rows, but still count for line numbers
+                for j in np.flatnonzero(keep & (ends - starts <= short)):
+                    begin, end = int(starts[j]) - offset, int(ends[j]) - offset
+                    keep[j] = bool((carry + chunk[:end] if begin < 0 else chunk[begin:end]).strip())
                 rows = np.stack([starts[keep], lineno + 1 + np.flatnonzero(keep)], axis=1).astype(np.int64)
                 out.write(rows.tobytes())
                 n_rows, lineno, line_start = n_rows + len(rows), lineno + len(ends), int(ends[-1]) + 1
+            carry = (carry if line_start < offset else b"") + chunk[max(line_start - offset, 0):]
+            carry = carry[:short + 1]
             offset += len(chunk)
             bar.update(len(chunk))
-        if line_start < offset:  # last line without a trailing newline
+        if line_start < offset and (offset - line_start > short or carry.strip()):  # a last line without "\n"
             out.write(np.array([[line_start, lineno + 1]], np.int64).tobytes())
             n_rows += 1
     return {"rows": n_rows}

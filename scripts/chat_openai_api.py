@@ -1,7 +1,10 @@
 """Chat with scripts/serve_openai_api.py through the official ``openai`` client, streamed.  用 openai 客户端对话。
 
     python scripts/serve_openai_api.py --weight full_sft      # in one terminal
-    python scripts/chat_openai_api.py                         # in another; /clear, /exit or Ctrl-D as in eval_llm.py
+    python scripts/chat_openai_api.py                         # in another
+
+As in eval_llm.py: /clear forgets the history, /exit or Ctrl-D quits, Ctrl-C stops a reply. A failed request (the
+server refused it, or is not running) prints a one-line error and the chat goes on.
 """
 
 from __future__ import annotations
@@ -9,7 +12,29 @@ from __future__ import annotations
 import argparse
 import os
 
-from openai import OpenAI
+from openai import APIError, OpenAI
+
+
+def reply(client: OpenAI, args: argparse.Namespace, messages: list[dict[str, str]]) -> str | None:
+    """Stream one reply to stdout; None when it failed (the error is printed) or Ctrl-C cut it short."""
+    print("🤖: ", end="", flush=True)
+    text = ""
+    try:
+        stream = client.chat.completions.create(model=args.model, messages=messages, stream=True,
+                                                temperature=args.temperature, max_tokens=args.max_tokens)
+        with stream:  # leaving early closes the connection: the server stops generating
+            for chunk in stream:
+                piece = (chunk.choices[0].delta.content or "") if chunk.choices else ""  # a usage-only chunk has none
+                text += piece
+                print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        print(" [interrupted]")
+        return None
+    except APIError as e:
+        print(f"\nerror: {e}")
+        return None
+    print()
+    return text
 
 
 def main() -> None:
@@ -22,6 +47,8 @@ def main() -> None:
                    help="the server's --api_key (default: $MINIMIND_API_KEY)")
     p.add_argument("--history_cnt", type=int, default=0, help="past messages sent along (2 = last question + answer)")
     args = p.parse_args()
+    if args.history_cnt < 0 or args.history_cnt % 2:
+        p.error("--history_cnt counts messages, a question and its answer being 2: use 0, 2, 4, ...")
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)  # "none": a server without a key ignores it
     messages: list[dict[str, str]] = []
     while True:
@@ -38,16 +65,11 @@ def main() -> None:
             messages = []
             continue
         messages = (messages[-args.history_cnt:] if args.history_cnt else []) + [{"role": "user", "content": text}]
-        stream = client.chat.completions.create(model=args.model, messages=messages, stream=True,
-                                                temperature=args.temperature, max_tokens=args.max_tokens)
-        print("🤖: ", end="", flush=True)
-        reply = ""
-        for chunk in stream:
-            piece = (chunk.choices[0].delta.content or "") if chunk.choices else ""  # a usage-only chunk has none
-            reply += piece
-            print(piece, end="", flush=True)
-        print()
-        messages.append({"role": "assistant", "content": reply})
+        answer = reply(client, args, messages)
+        if answer is None:
+            messages.pop()  # a failed or interrupted turn is not part of the history
+        else:
+            messages.append({"role": "assistant", "content": answer})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Endpoints: ``POST /v1/chat/completions`` (``"stream": true`` gives server-sent e
 and ``GET /v1/models``. Any OpenAI client works: see scripts/chat_openai_api.py. Each request is answered from its
 own ``messages`` alone (no history is kept), one at a time (a lock: a small model on one device is fastest serially).
 Bad requests get an OpenAI-style error (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
+
+``tools`` go into the prompt through the chat template; when the request has them, the reply's parseable
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks come back as ``tool_calls`` (finish_reason
+``"tool_calls"``). ``stop`` strings end a reply before them. A client that hangs up stops its generation.
 """
 
 from __future__ import annotations
@@ -15,30 +19,68 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Literal
 
+import anyio
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from model.generation import ReplyStream, chat_prompt, generation_config
+from model.generation import ReplyStream, generation_config
 from model.loading import add_model_args, model_from_args
 
 
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # how the chat template shows a call
+TOOL_CALL_START = "<tool_call>"
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]]  # a string, or OpenAI's content parts [{"type": "text", "text": ...}]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None  # a string, or OpenAI's content parts [{"type": "text", ...}]
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls (its content is then often null)
+    tool_call_id: str | None = None  # a tool's answer names the call it answers
+    reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (it may be null only in an assistant message with tool_calls)")
+        return self
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as model/chat_template.jinja reads it; ``developer`` is OpenAI's newer name for ``system``."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump(exclude_none=True) for call in self.tool_calls]
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content:
+            message["reasoning_content"] = self.reasoning_content
+        return message
 
 
 class StreamOptions(BaseModel):
@@ -46,17 +88,28 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use (n, stop, user, ...) are accepted
+    model_config = ConfigDict(extra="ignore")  # OpenAI fields we do not use (user, tool_choice, ...) are accepted
 
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI's [{"type": "function", "function": {...}}], shown as given
     temperature: float | None = Field(None, ge=0, le=2)  # None (or absent): 0.85; 0: greedy
     top_p: float | None = Field(None, gt=0, le=1)  # None: 0.85
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    stop: str | list[str] | None = Field(default_factory=list)  # a string or up to 4; a list once validated
+    n: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**64)  # what torch.manual_seed accepts
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or "" in stops:
+            raise ValueError("stop takes a string or a list of up to 4 strings, none of them empty")
+        return stops
 
 
 class ApiError(Exception):
@@ -68,6 +121,71 @@ class ApiError(Exception):
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+class ReplyText:
+    """A reply's text checked as it arrives: cut before the first stop string and, when the request has tools, held
+    back from the first ``<tool_call>`` on, to be parsed when the reply ends. ``feed`` returns what is safe to send."""
+
+    def __init__(self, stops: list[str], tools: bool):
+        self.stops, self.tools = stops, tools
+        self.markers = (stops + [TOOL_CALL_START]) if tools else stops
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def feed(self, piece: str) -> str:
+        # Only a stop string that ends in the new piece can be new: the text before it held none.
+        scan_from = max(0, len(self.text) - max(map(len, self.stops), default=0) + 1)
+        self.text += piece
+        hits = [i for stop in self.stops if (i := self.text.find(stop, scan_from)) >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+        # Hold back an end that may grow into a stop string or a <tool_call> with the next piece.
+        end = len(self.text) if self.stopped else len(self.text) - partial_marker(self.text, self.markers)
+        if self.tools and (call := self.text.find(TOOL_CALL_START, self.sent)) >= 0:
+            end = min(end, call)
+        safe = self.text[self.sent:max(end, self.sent)]
+        self.sent += len(safe)
+        return safe
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The text not sent yet, less its parseable tool calls, and those calls in OpenAI's shape."""
+        rest, self.sent = self.text[self.sent:], len(self.text)
+        return split_tool_calls(rest) if self.tools else (rest, [])
+
+
+def partial_marker(text: str, markers: list[str]) -> int:
+    """The length of the longest end of ``text`` that is the beginning of a marker (0: none)."""
+    return max((k for marker in markers for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
+
+
+def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """``text`` without its ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, and those calls as
+    OpenAI's ``tool_calls``. A block whose JSON does not parse as a call stays in the text."""
+    kept, calls, end = [], [], 0
+    for block in TOOL_CALL.finditer(text):
+        if (call := parse_tool_call(block.group(1))) is not None:
+            kept.append(text[end:block.start()])
+            calls.append(call)
+            end = block.end()
+    kept.append(text[end:])
+    return "".join(kept), calls
+
+
+def parse_tool_call(body: str) -> dict[str, Any] | None:
+    """One call in OpenAI's shape, or None when ``body`` is not ``{"name": ..., "arguments": {...}}`` JSON."""
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        return None
+    arguments = call.get("arguments", {})
+    if isinstance(arguments, dict):
+        arguments = json.dumps(arguments, ensure_ascii=False)  # OpenAI's clients expect a JSON string
+    elif not isinstance(arguments, str):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": arguments}}
 
 
 class RequireApiKey:
@@ -126,7 +244,10 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_request(await read_body(request, max_body_bytes))
-        prompt = chat_prompt(tokenizer, [{"role": m.role, "content": m.text()} for m in req.messages])
+        if req.n not in (None, 1):
+            raise ApiError(400, "only n=1 is supported", "n")
+        prompt = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=req.tools or None,
+                                               tokenize=False, add_generation_prompt=True)
         requested = req.max_completion_tokens or req.max_tokens
         if requested and requested > max_tokens:
             raise ApiError(400, f"max_tokens is {requested}, this server allows at most {max_tokens}", "max_tokens")
@@ -139,24 +260,30 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
         config = generation_config(tokenizer, budget, temperature, 0.85 if req.top_p is None else req.top_p)
         reply_id, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model_name
 
-        def start() -> ReplyStream:
+        def start() -> tuple[ReplyStream, ReplyText]:
             if req.seed is not None:
                 torch.manual_seed(req.seed)
-            return ReplyStream(model, tokenizer, prompt, config)
+            return ReplyStream(model, tokenizer, prompt, config), ReplyText(req.stop, bool(req.tools))
+
+        def finish_reason(stream: ReplyStream, text: ReplyText, calls: list[dict[str, Any]]) -> str:
+            return "tool_calls" if calls else "stop" if text.stopped else stream.finish_reason
 
         if not req.stream:
-            def run() -> ReplyStream:
-                stream = start()
-                for _ in stream:
-                    pass
-                return stream
-
             async with lock:
-                done = await run_in_threadpool(run)
+                stream, text = start()
+                sent: list[str] = []
+                async with aclosing(safe_text(stream, text)) as pieces:
+                    async for piece in pieces:
+                        if await request.is_disconnected():  # stop generating for a client that hung up
+                            return Response(status_code=499)  # nobody reads it
+                        sent.append(piece)
+            rest, calls = text.finish()
+            message = {"role": "assistant", "content": "".join(sent) + rest}
+            if calls:
+                message.update(content=message["content"].strip() or None, tool_calls=calls)
             return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "finish_reason": done.finish_reason}],
-                    "usage": usage(done)}
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(stream, text, calls)}],
+                    "usage": usage(stream)}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -167,24 +294,39 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
 
         async def events() -> AsyncIterator[str]:
             async with lock:
-                stream = start()
-                pieces = iter(stream)
-                try:
+                stream, text = start()
+                async with aclosing(safe_text(stream, text)) as pieces:
                     yield chunk({"role": "assistant", "content": ""})
-                    while (piece := await run_in_threadpool(next, pieces, None)) is not None:
-                        yield chunk({"content": piece})
-                    yield chunk({}, stream.finish_reason)
-                    if include_usage:
-                        body = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                                "model": name, "choices": [], "usage": usage(stream)}
-                        yield f"data: {json.dumps(body)}\n\n"
-                    yield "data: [DONE]\n\n"
-                finally:  # also when the client hangs up mid-reply: stop generating before the next request
-                    await run_in_threadpool(pieces.close)
+                    async for piece in pieces:
+                        if piece:
+                            yield chunk({"content": piece})
+                rest, calls = text.finish()
+                if rest.strip() or (rest and not calls):  # the whitespace around tool calls is no content
+                    yield chunk({"content": rest})
+                if calls:
+                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+                yield chunk({}, finish_reason(stream, text, calls))
+                if include_usage:
+                    body = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": name, "choices": [], "usage": usage(stream)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+async def safe_text(stream: ReplyStream, text: ReplyText) -> AsyncIterator[str]:
+    """Generate in a worker thread and yield, for each piece, the text now safe to send (often ""). Generation ends
+    at a stop string, or when this iterator is closed: also when the client hangs up mid-reply."""
+    pieces = iter(stream)
+    try:
+        while not text.stopped and (piece := await run_in_threadpool(next, pieces, None)) is not None:
+            yield text.feed(piece)
+    finally:
+        with anyio.CancelScope(shield=True):  # a hang-up cancels the request: stop generating even so
+            await run_in_threadpool(pieces.close)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

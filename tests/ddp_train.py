@@ -17,16 +17,22 @@ from trainer.runtime import shutdown
 
 
 class TokenRows(Dataset):
-    """``n`` rows of ``T`` random token ids, fixed by ``seed``."""
+    """``n`` rows of ``T`` random token ids, fixed by ``seed``. ``prompts``: each row starts with an unsupervised
+    prompt of random length (label -100), so rows hold different numbers of supervised tokens, as in SFT."""
 
-    def __init__(self, n: int = 64, T: int = 32, seed: int = 0):
-        self.rows = torch.randint(3, 6400, (n, T), generator=torch.Generator().manual_seed(seed))
+    def __init__(self, n: int = 64, T: int = 32, seed: int = 0, prompts: bool = False):
+        generator = torch.Generator().manual_seed(seed)
+        self.rows = torch.randint(3, 6400, (n, T), generator=generator)
+        self.labels = self.rows.clone()
+        if prompts:
+            prompt_lengths = torch.randint(1, T, (n,), generator=generator)
+            self.labels[torch.arange(T) < prompt_lengths[:, None]] = -100
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+        return {"input_ids": self.rows[i], "labels": self.labels[i]}
 
 
 def tiny_args(*flags: str) -> Namespace:
@@ -41,9 +47,13 @@ def token_rows(args: Namespace, tokenizer) -> TokenRows:
     return TokenRows()
 
 
+def prompt_rows(args: Namespace, tokenizer) -> TokenRows:
+    return TokenRows(prompts=True)
+
+
 if __name__ == "__main__":
     history_file, flags = sys.argv[1], sys.argv[2:]
-    result = train(Stage("pretrain", token_rows), tiny_args(*flags))
+    result = train(Stage("pretrain", prompt_rows), tiny_args(*flags))  # rows of unequal supervised length
     if int(os.environ.get("RANK", 0)) == 0:
         with open(history_file, "w") as f:
             json.dump(result.history, f)

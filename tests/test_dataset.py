@@ -4,6 +4,7 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -156,6 +157,20 @@ def test_sft_errors_name_file_and_line(tok, tmp_path):
     skipping = SFTDataset(path, tok, max_seq_len=512, skip_bad_lines=True)
     assert skipping[1]["input_ids"].tolist() == ds[0]["input_ids"].tolist()  # replaced by the next good row
     assert skipping.skipped == 2
+
+
+def test_blank_lines_of_spaces_or_carriage_returns_are_not_rows(tok, tmp_path, monkeypatch):
+    """A Windows-edited file (\\r\\n, blank lines "\\r\\n") and lines of spaces: every real row, right line numbers,
+    also where a blank line straddles the boundary of two read chunks (a tiny chunk size puts one everywhere)."""
+    good = json.dumps({"conversations": CHAT})
+    lines = [good, "   ", "\r", good, "", " \t \r", "   " + good, good, "  "]  # rows at lines 1, 4, 7 and 8
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes("\r\n".join(lines).encode())
+    for chunk_size in (16 << 20, 3, 7):
+        monkeypatch.setattr(lm, "INDEX_CHUNK_BYTES", chunk_size)
+        ds = SFTDataset(path, tok, max_seq_len=512, cache_dir=tmp_path / f"cache{chunk_size}")
+        assert np.fromfile(ds.files["lines"], np.int64).reshape(-1, 2)[:, 1].tolist() == [1, 4, 7, 8]
+        assert all(ds[i]["input_ids"].tolist() == ds[0]["input_ids"].tolist() for i in range(4))
 
 
 def test_bad_template_fails_at_start(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.loading import load_weights
-from tests.ddp_train import TokenRows, tiny_args, token_rows
+from tests.ddp_train import TokenRows, prompt_rows, tiny_args, token_rows
 from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
 from trainer.checkpoint import load_resume
 from trainer.engine import load_start_weights
@@ -58,8 +58,10 @@ def test_loss_falls_on_a_repeated_batch(tmp_path):
     assert first > 8 and last < 0.5 * first, (first, last)
 
 
-def test_accumulating_k_micro_batches_equals_one_big_batch(tmp_path, monkeypatch):
-    """Compared on the gradients: AdamW divides by their scale, so weights would hide a wrong 1/k."""
+@pytest.mark.parametrize("rows", [token_rows, prompt_rows])
+def test_accumulating_k_micro_batches_equals_one_big_batch(tmp_path, monkeypatch, rows):
+    """Compared on the gradients: AdamW divides by their scale, so weights would hide a wrong 1/k. With prompt rows
+    the micro-batches hold different numbers of supervised tokens: each must count by its tokens, not as 1/k."""
     real_clip, grads = torch.nn.utils.clip_grad_norm_, []
 
     def clip_and_record(params, *args, **kwargs):
@@ -67,10 +69,10 @@ def test_accumulating_k_micro_batches_equals_one_big_batch(tmp_path, monkeypatch
         return real_clip(params, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_and_record)
-    big = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path / "a"), "--batch_size", "8",
-                                                         "--max_steps", "2"))
-    acc = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path / "b"), "--batch_size", "2",
-                                                         "--accumulation_steps", "4", "--max_steps", "2"))
+    big = train(Stage("pretrain", rows), tiny_args("--out_dir", str(tmp_path / "a"), "--batch_size", "8",
+                                                   "--max_steps", "2"))
+    acc = train(Stage("pretrain", rows), tiny_args("--out_dir", str(tmp_path / "b"), "--batch_size", "2",
+                                                   "--accumulation_steps", "4", "--max_steps", "2"))
     assert losses(acc) == pytest.approx(losses(big), rel=1e-5)  # the logged loss is the whole step's mean
     for a, b in zip(grads[0], grads[2]):  # first step of each run (a 1/k mistake would be a factor k)
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
@@ -128,6 +130,35 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     state = resume_state(tmp_path)
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert resume_file.stat().st_size > 0
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward, inf backward: a finite loss whose gradient overflows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("grad_clip", ["1.0", "0"])
+def test_an_inf_gradient_under_a_finite_loss_stops_the_run_too(tmp_path, grad_clip):
+    calls = 0
+
+    def inf_grad_at_step_3(model, batch):
+        nonlocal calls
+        calls += 1
+        loss, metrics = lm_loss(model, batch)
+        return (InfGradient.apply(loss) if calls == 3 else loss), metrics
+
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf at step 3.*\(step 2\)"):
+        train(Stage("pretrain", token_rows, loss_fn=inf_grad_at_step_3),
+              tiny_args("--out_dir", str(tmp_path), "--save_interval", "2", "--max_steps", "4", "--grad_clip", grad_clip))
+    state = resume_state(tmp_path)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
 def test_a_resume_file_of_another_stage_or_shape_is_refused(tmp_path):

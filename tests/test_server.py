@@ -1,5 +1,6 @@
 """scripts/serve_openai_api.py as a real process, spoken to by the official openai client."""
 
+import json
 import os
 import socket
 import subprocess
@@ -10,11 +11,14 @@ import httpx
 import pytest
 
 from model.loading import REPO_ROOT
-from tests.test_eval_llm import needs_tokenizer, tiny_checkpoint
+from tests.test_eval_llm import needs_tokenizer, run, tiny_checkpoint
 
 pytestmark = needs_tokenizer
 API_KEY = "test-key"
 api = httpx.Client(headers={"Authorization": f"Bearer {API_KEY}"})  # what every request to the server sends
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
 
 
 def free_port() -> int:
@@ -26,12 +30,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    tiny_checkpoint(out)
+    tiny_checkpoint(out, max_position_embeddings=8192)  # room for a reply long enough to hang up on
     port = free_port()
     log = open(out / "server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "scripts" / "serve_openai_api.py"), "--weight", "full_sft", "--hidden_size",
-         "64", "--out_dir", str(out), "--port", str(port), "--max_tokens", "64",
+         "64", "--out_dir", str(out), "--port", str(port), "--max_tokens", "4000",
          "--api_key", API_KEY],
         stdout=log, stderr=subprocess.STDOUT, cwd=out, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -87,7 +91,11 @@ def test_raw_stream_ends_with_done(server):
     b'{"messages": []}',
     b'{"messages": [{"role": "wizard", "content": "hi"}]}',
     b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}',
-    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',  # over the server's --max_tokens 64
+    b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',  # over the server's --max_tokens
+    b'{"messages": [{"role": "user", "content": null}]}',  # null content is for an assistant's tool calls only
+    b'{"messages": [{"role": "user", "content": "hi"}], "seed": 99999999999999999999999}',  # over 64 bits
+    b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}',
     b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}',  # over the 1 MB body limit
 ])
 def test_bad_requests_get_4xx_openai_errors_and_the_server_keeps_serving(server, body):
@@ -133,18 +141,165 @@ def test_requests_without_the_api_key_are_refused(server):
             model="minimind", messages=[{"role": "user", "content": "hi"}])
 
 
-def test_without_a_key_the_app_asks_for_none():
-    """The keyless app (the default on 127.0.0.1), in-process: no Authorization header needed."""
-    from fastapi.testclient import TestClient
-
+@pytest.fixture(scope="module")
+def app():
+    """The app in-process around a tiny random model, without an API key (the default on 127.0.0.1)."""
     from model import MiniMindConfig, MiniMindForCausalLM
     from model.loading import load_tokenizer
     from scripts.serve_openai_api import create_app
     from tests.test_eval_llm import SHAPE
 
-    app = create_app(MiniMindForCausalLM(MiniMindConfig(**SHAPE)).eval(), load_tokenizer(), max_tokens=8)
+    return create_app(MiniMindForCausalLM(MiniMindConfig(**SHAPE)).eval(), load_tokenizer(), max_tokens=8)
+
+
+def test_without_a_key_the_app_asks_for_none(app):
+    from fastapi.testclient import TestClient
+
     with TestClient(app) as client:
         assert client.get("/v1/models").status_code == 200
         reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                           "max_tokens": 4, "temperature": 0})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 4
+
+
+def prompt_tokens(messages: list[dict], tools: list[dict] | None = None) -> int:
+    """The length of the prompt the chat template makes of a request."""
+    from model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def test_tools_and_a_tool_call_history_reach_the_prompt(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server, api_key=API_KEY)
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "assistant", "content": None, "tool_calls": [call]},  # as OpenAI agent loops send it
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"}]
+    assert prompt_tokens(question, TOOLS) > prompt_tokens(question)
+    for messages in (question, question + history):
+        reply = client.chat.completions.create(model="minimind", messages=messages, tools=TOOLS, max_tokens=2)
+        assert reply.usage.prompt_tokens == prompt_tokens(messages, TOOLS)
+    # developer is OpenAI's newer name for system; content may come as text parts.
+    developer = {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]}
+    reply = client.chat.completions.create(model="minimind", messages=[developer] + question, max_tokens=2)
+    assert reply.usage.prompt_tokens == prompt_tokens([{"role": "system", "content": "Be brief."}] + question)
+
+
+def test_generated_tool_calls_are_parsed():
+    from scripts.serve_openai_api import split_tool_calls
+
+    paris = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    broken = "<tool_call>\n{not json}\n</tool_call>"
+    text, calls = split_tool_calls(f"Let me check.\n{paris}\n{broken}\n"
+                                   '<tool_call>{"name": "now"}</tool_call> <tool_call>{"name": 7}</tool_call> <tool_call>')
+    assert text == f"Let me check.\n\n{broken}\n" + ' <tool_call>{"name": 7}</tool_call> <tool_call>'
+    assert [call["function"] for call in calls] == [{"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                                                    {"name": "now", "arguments": "{}"}]
+    assert all(call["type"] == "function" and call["id"].startswith("call_") for call in calls)
+    assert calls[0]["id"] != calls[1]["id"]
+    assert split_tool_calls("no calls here") == ("no calls here", [])
+
+
+def test_reply_text_never_sends_a_stop_string_or_a_tool_call():
+    from scripts.serve_openai_api import ReplyText
+
+    text = ReplyText(["STOP", "##"], tools=False)
+    assert [text.feed(piece) for piece in ["Hello S", "x #", "a ST", "O"]] == ["Hello ", "Sx ", "#a ", ""]
+    assert text.feed("P and more") == "" and text.stopped and text.text == "Hello Sx #a "
+    assert text.finish() == ("", [])
+
+    text = ReplyText([], tools=True)
+    assert [text.feed(piece) for piece in ["Hi <to", 'ol_call>{"name": "now"}', "</tool_call>"]] == ["Hi ", "", ""]
+    rest, calls = text.finish()
+    assert rest == "" and [call["function"]["name"] for call in calls] == ["now"]
+
+
+def scripted_reply(pieces: list[str]) -> type:
+    """A ReplyStream that says ``pieces`` instead of asking the model: a tiny random model never calls a tool."""
+    from model.generation import ReplyStream
+
+    class Scripted(ReplyStream):
+        def __iter__(self):
+            self.completion_tokens, self.text = len(pieces), "".join(pieces)
+            yield from pieces
+
+    return Scripted
+
+
+def test_tool_calls_come_back_as_openai_tool_calls(app, monkeypatch):
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from scripts import serve_openai_api
+
+    monkeypatch.setattr(serve_openai_api, "ReplyStream", scripted_reply([
+        "Let me check.\n<tool", '_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}', "\n</tool_call>"]))
+    with TestClient(app) as http:
+        client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http)
+        ask = dict(model="minimind", messages=[{"role": "user", "content": "Weather in Paris and Rome?"}], tools=TOOLS)
+        choice = client.chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+        assert [(call.type, call.function.name, json.loads(call.function.arguments))
+                for call in choice.message.tool_calls] == [("function", "get_weather", {"city": "Paris"}),
+                                                          ("function", "get_weather", {"city": "Rome"})]
+        chunks = [chunk.choices[0] for chunk in client.chat.completions.create(**ask, stream=True)]
+        assert "".join(c.delta.content or "" for c in chunks).strip() == "Let me check."
+        streamed = [call for c in chunks for call in c.delta.tool_calls or []]
+        assert [(call.index, call.function.name, call.function.arguments) for call in streamed] == [
+            (i, call.function.name, call.function.arguments) for i, call in enumerate(choice.message.tool_calls)]
+        assert chunks[-1].finish_reason == "tool_calls"
+        # Without tools in the request the same text is plain content, as for any client that knows no tools.
+        plain = client.chat.completions.create(model="minimind", messages=ask["messages"]).choices[0]
+        assert plain.message.tool_calls is None and plain.message.content.count("<tool_call>") == 2
+
+
+def test_stop_strings_end_the_reply_before_them(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server, api_key=API_KEY)
+    ask = dict(model="minimind", messages=[{"role": "user", "content": "天空为什么是蓝色的"}], temperature=0,
+               max_tokens=30)
+    full = client.chat.completions.create(**ask).choices[0].message.content
+    stop = full[8:11]  # greedy: the same reply again, up to its first stop string
+    expected = full[:full.index(stop)]
+    reply = client.chat.completions.create(**ask, stop=[stop, "never said 从未说过"])
+    assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens < 30
+    chunks = [chunk.choices[0] for chunk in client.chat.completions.create(**ask, stop=stop, stream=True)]
+    assert "".join(c.delta.content or "" for c in chunks) == expected and chunks[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_frees_the_server(server, stream):
+    from openai import APITimeoutError, OpenAI
+
+    impatient = OpenAI(base_url=server, api_key=API_KEY, max_retries=0, timeout=1)
+    long = dict(model="minimind", messages=[{"role": "user", "content": "hi"}], temperature=0, max_tokens=4000)
+    if stream:
+        with impatient.chat.completions.create(**long, stream=True) as chunks:
+            next(iter(chunks))  # then hang up
+    else:
+        with pytest.raises(APITimeoutError):  # a 4000-token reply takes several seconds
+            impatient.chat.completions.create(**long)
+    start = time.perf_counter()
+    short = api.post(f"{server}/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 3}, timeout=60)
+    assert short.status_code == 200 and time.perf_counter() - start < 3
+
+
+def test_the_chat_client_prints_errors_and_goes_on(server):
+    chat = str(REPO_ROOT / "scripts" / "chat_openai_api.py")
+    refused = run(chat, "--base_url", server, "--api_key", API_KEY, "--max_tokens", "100000", stdin="hi\nhello\n")
+    assert refused.returncode == 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stdout.count("error: Error code: 400") == 2
+    ok = run(chat, "--base_url", server, "--api_key", API_KEY, "--max_tokens", "3", "--history_cnt", "2",
+             stdin="hi\nhello\n")
+    assert ok.returncode == 0 and "error" not in ok.stdout and ok.stdout.count("🤖: ") == 2
+    down = run(chat, "--base_url", f"http://127.0.0.1:{free_port()}/v1", stdin="hi\n")
+    assert down.returncode == 0 and "error: Connection error." in down.stdout, down.stderr
+    assert run(chat, "--history_cnt", "3").returncode == 2

@@ -51,6 +51,12 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, tor
     return out.loss, ({"aux_loss": out.aux_loss} if out.aux_loss is not None else {})
 
 
+def supervised_tokens(batch: Batch) -> int:
+    """The positions ``lm_loss`` averages over (the model shifts labels by one). Read on the host, before the batch
+    goes to the device: no sync."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
 def stage_weights_path(args: Namespace, config: MiniMindConfig) -> Path:
     """MiniMind's name for the weights a run writes: ``out/<save_weight>_<hidden>[_moe].pth``."""
     return checkpoint_path(args.save_weight, config, args.out_dir)
@@ -63,6 +69,9 @@ class Stage:
     name: str  # "pretrain", "full_sft", ...: a resume file of another stage is refused
     build_dataset: Callable[[Namespace, Any], Dataset]  # (args, tokenizer) -> items of 1-D LongTensors
     loss_fn: LossFn = lm_loss  # (model, batch) -> (loss, extra metrics); also used for the held-out eval
+    # What loss_fn's mean is over, per batch: batches count by it, so that accumulation and DDP give the gradient
+    # of one big batch. None: every batch counts the same (DPO's loss is a mean over pairs).
+    loss_weight: Callable[[Batch], int] | None = supervised_tokens
     setup: Callable[[nn.Module, Namespace], None] | None = None  # after --from_weight, on the device: freeze, add LoRA
     weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
     save_weights: Callable[[nn.Module, Path], Any] = save_weights  # what goes into the weights file
@@ -135,20 +144,26 @@ def all_ranks(rt: Runtime, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceO
     return value
 
 
+def batch_weights(stage: Stage, batches: list[Batch]) -> torch.Tensor:
+    """How much each batch counts in a mean over several (``Stage.loss_weight``), on the host."""
+    return torch.tensor([float(stage.loss_weight(b)) if stage.loss_weight else 1.0 for b in batches])
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: LossFn, data: Dataset, args: Namespace, rt: Runtime,
-             collate: Callable) -> dict[str, float]:
-    """Mean loss (and metrics) over the held-out rows, in order, on this rank."""
+def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt: Runtime) -> dict[str, float]:
+    """Mean loss (and metrics) over the held-out rows, in order, on this rank; per token for LM stages."""
     model.eval()
-    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
     sums: dict[str, torch.Tensor] = {}
-    for batch in loader:
+    total = 0.0
+    for batch in DataLoader(data, batch_size=args.batch_size, collate_fn=stage.collate):
+        weight = batch_weights(stage, [batch]).item()
         with rt.autocast():
-            loss, metrics = loss_fn(model, {k: v.to(rt.device) for k, v in batch.items()})
+            loss, metrics = stage.loss_fn(model, {k: v.to(rt.device) for k, v in batch.items()})
         for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
+            sums[k] = sums.get(k, 0) + v.detach().float() * weight
+        total += weight
     model.train()
-    return {f"eval/{k}": v.item() / len(loader) for k, v in sums.items()}  # host sync, once per eval
+    return {f"eval/{k}": v.item() / max(total, 1.0) for k, v in sums.items()}  # host sync, once per eval
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -180,18 +195,24 @@ class Window:
         self.sums: dict[str, torch.Tensor] = {}
         self.steps = self.tokens = 0
         self.step_loss = torch.zeros((), device=self.rt.device)
-        self.first_bad = torch.tensor(float("inf"), device=self.rt.device)  # first step whose loss was NaN/inf
+        self.first_bad = torch.tensor(float("inf"), device=self.rt.device)  # first step with a NaN/inf loss or grad
         self.started = time.time()
 
-    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], accumulation: int,
+    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], share: torch.Tensor,
                         tokens: int) -> None:
-        self.step_loss += loss.detach().float() / accumulation  # the logged loss: mean over the whole step
+        """``share``: the micro-batch's weight in the step's mean, times the world size (read() divides by it)."""
+        self.step_loss += loss.detach().float() * share  # the logged loss: mean over the whole step
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0) + v.detach().float() / accumulation
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * share
         self.tokens += tokens
 
-    def end_step(self, step: int) -> None:
-        self.first_bad = torch.where(torch.isfinite(self.step_loss), self.first_bad, self.first_bad.clamp(max=step))
+    def end_step(self, step: int, grad_norm: torch.Tensor | None) -> None:
+        """``grad_norm``: None where a NaN/inf gradient is routine (fp16's GradScaler skips that step itself)."""
+        finite = torch.isfinite(self.step_loss)
+        if grad_norm is not None:
+            finite &= torch.isfinite(grad_norm)
+            self.sums["grad_norm"] = self.sums.get("grad_norm", 0) + grad_norm.detach().float()
+        self.first_bad = torch.where(finite, self.first_bad, self.first_bad.clamp(max=step))
         self.sums["loss"] = self.sums.get("loss", 0) + self.step_loss
         self.step_loss = torch.zeros_like(self.step_loss)
         self.steps += 1
@@ -275,22 +296,30 @@ def train(stage: Stage, args: Namespace) -> Result:
             lr = lr_at(step, total, args.learning_rate, args.warmup_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for i, batch in enumerate(next(batches)):
+            micro_batches = list(next(batches))
+            # Each micro-batch counts by its share of the step's tokens (supervised ones, on all ranks): then k
+            # micro-batches, or N GPUs, give one big batch's gradient even when rows hold different numbers of
+            # supervised tokens. DDP averages gradients over ranks, hence the world size.
+            weights = batch_weights(stage, micro_batches)
+            step_total = all_ranks(rt, weights.sum().to(rt.device)).clamp(min=1)
+            shares = (weights * rt.world_size).to(rt.device) / step_total
+            for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
                 last = i == args.accumulation_steps - 1
                 # under DDP, gradients are all-reduced once per step, at the last micro-batch
                 with model.no_sync() if rt.ddp and not last else contextlib.nullcontext():
                     with rt.autocast():
                         loss, metrics = stage.loss_fn(model, batch)
-                    scaler.scale(loss / args.accumulation_steps).backward()
-                window.add_micro_batch(loss, metrics, args.accumulation_steps, batch["input_ids"].numel())
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, args.grad_clip)
+                    scaler.scale(loss * shares[i]).backward()
+                window.add_micro_batch(loss, metrics, shares[i], batch["input_ids"].numel())
+            scaler.unscale_(optimizer)  # a no-op without fp16
+            # The norm is checked like the loss: a finite loss can still backpropagate inf (then AdamW writes NaN).
+            grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else \
+                nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            window.end_step(step)
+            window.end_step(step, None if scaler.is_enabled() else grad_norm)
             step += 1
             bar.update()
 
@@ -301,7 +330,8 @@ def train(stage: Stage, args: Namespace) -> Result:
             if first_bad is not None:
                 where = f"{resume_file} (step {last_saved})" if last_saved else \
                     f"{resume_file} (from an earlier run)" if resume_file.exists() else "none, nothing was saved"
-                raise TrainingDiverged(f"loss is NaN/inf at step {first_bad + 1}; stopped without saving. Last good "
+                raise TrainingDiverged(f"loss or gradient is NaN/inf at step {first_bad + 1}; stopped without "
+                                       f"saving. Last good "
                                        f"checkpoint: {where}. Lower --learning_rate, try --dtype bfloat16 or "
                                        f"float32, or check the data.")
             # every rank must agree to stop, or the others would wait forever at the next all-reduce
@@ -312,7 +342,7 @@ def train(stage: Stage, args: Namespace) -> Result:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token(config, args.max_seq_len) / (peak * 1e12)
             if eval_set is not None and rt.is_main and (step == total or out_of_time.item() or
                                                         (args.eval_interval and step % args.eval_interval == 0)):
-                record.update(evaluate(raw, stage.loss_fn, eval_set, args, rt, stage.collate))
+                record.update(evaluate(raw, stage, eval_set, args, rt))
             history.append(record)
             logger.log(record, step)
             bar.set_postfix_str(progress_text(record))
