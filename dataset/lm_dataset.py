@@ -334,13 +334,16 @@ def _preview(obj: Any, width: int = 80) -> str:
     return text if len(text) <= width else text[:width] + "..."
 
 
-def _json_field(value: Any, what: str, where: str) -> Any:
-    """MiniMind stores `tools` / `tool_calls` as JSON strings: parse them, so every template sees lists of dicts."""
+def _json_field(value: Any, what: str, where: str) -> list:
+    """MiniMind stores `tools` / `tool_calls` as JSON strings: parse them, so every template sees lists of dicts.
+    Empty ("", "null", "[]", null): an empty list."""
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = json.loads(value) if value.strip() else None
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: {what} is not valid JSON ({e})") from None
+    if value is None:
+        return []
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -361,10 +364,16 @@ def _messages(turns: Any, where: str) -> tuple[list[dict], list | None]:
             message["content"] = ""
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: turn {k} content must be a string, got {type(message['content']).__name__}")
-        if message.get("tools"):
-            tools = message["tools"] = _json_field(message["tools"], f"turn {k} tools", where)
-        if message.get("tool_calls"):
-            message["tool_calls"] = _json_field(message["tool_calls"], f"turn {k} tool_calls", where)
+        for key in ("tools", "tool_calls"):
+            if key in message:
+                value = _json_field(message.pop(key), f"turn {k} {key}", where)
+                if value:  # an empty one ("", "null", []) is left out: the template would render an empty block
+                    message[key] = value
+        tools = message.get("tools", tools)
+        if reasoning := message.pop("reasoning_content", None):
+            if not isinstance(reasoning, str):
+                raise DataError(f"{where}: turn {k} reasoning_content must be a string, got {type(reasoning).__name__}")
+            message["reasoning_content"] = reasoning
         messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn, nothing to learn")

@@ -36,9 +36,9 @@ def resolve_path(path: str | os.PathLike) -> Path:
 
 
 def out_dir(path: str | os.PathLike | None = None) -> Path:
-    """Where checkpoints go: ``out/`` under the repo root by default; a relative --out_dir also counts from there."""
-    path = Path(path).expanduser() if path else OUT_DIR
-    return path if path.is_absolute() else REPO_ROOT / path
+    """Where checkpoints go: ``out/`` under the repo root by default; a typed --out_dir as ``resolve_path`` finds it
+    (the current directory's folder if there is one, else the repo root's)."""
+    return resolve_path(path) if path else OUT_DIR
 
 
 def checkpoint_path(stage: str, config: MiniMindConfig, directory: str | os.PathLike | None = None) -> Path:
@@ -132,7 +132,8 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     unexpected = [k for k in state if k not in own]
     if problems or missing or unexpected:
         lines = [f"checkpoint {source} does not fit this model ({describe_model(model)})."]
-        lines += ["Shape mismatches:", *problems] if problems else []
+        lines += ["Shape mismatches:", *problems[:8]] if problems else []
+        lines += [f"  ... (+{len(problems) - 8} more)"] if len(problems) > 8 else []
         lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
         lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
         lines.append(f"The file needs: {infer_config_hint(state, source)}")
@@ -538,7 +539,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="picks the _moe file (default 0)")
     g.add_argument("--lora_weight", default="None", help="LoRA name (out/lora/lora_<name>_<hidden>.pth) or path")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the transformers folder's, else model/)")
-    g.add_argument("--out_dir", "--save_dir", dest="out_dir", default="out", help="where stage names are looked up")
+    g.add_argument("--out_dir", "--save_dir", dest="out_dir", default=None,
+                   help="where stage names are looked up (default: out/ in the repo)")
     g.add_argument("--inference_rope_scaling", action="store_true", help="YaRN x16 context extension (长文本外推)")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best there is)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],

@@ -129,6 +129,18 @@ def test_sft_tool_call_row(tok, tmp_path):
         f"<think>Need a tool.</think><tool_call>{json.dumps(call[0])}</tool_call><|im_end|>", "It is sunny.<|im_end|>"]
 
 
+def test_sft_empty_tool_fields_render_as_absent_and_bad_reasoning_is_named(tok, tmp_path):
+    plain = {"conversations": CHAT}
+    empties = [{"conversations": [{**turn, "tool_calls": empty, "tools": empty, "reasoning_content": None}
+                                  for turn in CHAT]} for empty in ("", "null", " ", [], None)]
+    bad = {"conversations": [CHAT[0], {**CHAT[1], "reasoning_content": 5}]}
+    ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [plain, *empties, bad]), tok, max_seq_len=512)
+    for i in range(1, 6):
+        assert ds[i]["input_ids"].tolist() == ds[0]["input_ids"].tolist()
+    with pytest.raises(DataError, match=r"sft\.jsonl:7: turn 1 reasoning_content must be a string, got int"):
+        ds[6]
+
+
 def test_sft_truncation(tok, tmp_path):
     ds = SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CHAT}]), tok, max_seq_len=512)
     full_ids, full_labels = expected(tok, CHAT_PIECES)

@@ -11,7 +11,9 @@ from model.loading import load_weights
 from tests.ddp_train import TokenRows, prompt_rows, tiny_args, token_rows
 from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
 from trainer.checkpoint import load_resume
-from trainer.engine import load_start_weights
+import trainer.engine
+from dataset import DataError
+from trainer.engine import load_start_weights, rescaled_step
 
 
 def tiny_model(**overrides) -> MiniMindForCausalLM:
@@ -193,3 +195,64 @@ def test_a_bare_cuda_device_gets_an_index(monkeypatch):
     rt = runtime.setup_runtime("cuda")
     assert rt.device == torch.device("cuda", 0) and chosen == [torch.device("cuda", 0)]
     assert rt.dtype == torch.bfloat16
+
+
+def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)  # it would read rows ahead
+
+    class BadRowAt(TokenRows):
+        """Row reads are sequential (no workers on CPU): the 13th read is the first row of step 4."""
+        reads = 0
+
+        def __getitem__(self, i):
+            BadRowAt.reads += 1
+            if BadRowAt.reads == 13:
+                raise DataError("data.jsonl:7: malformed JSON")
+            return super().__getitem__(i)
+
+    with pytest.raises(DataError, match=r"jsonl:7: .*\nStopped \(saved step 3\).*--skip_bad_lines.*--from_resume 1"):
+        train(Stage("pretrain", lambda args, tok: BadRowAt()), tiny_args("--out_dir", str(tmp_path)))
+    assert resume_state(tmp_path)["step"] == 3
+
+
+def test_zero_intervals_mean_at_the_end_and_bad_sizes_are_clear(tmp_path, capsys):
+    result = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "3",
+                                                            "--save_interval", "0", "--log_interval", "0"))
+    assert [r["step"] for r in result.history] == [3] and resume_state(tmp_path)["step"] == 3
+    with pytest.raises(ValueError, match="--eval_size 64 leaves no rows to train on: the data has 64"):
+        train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--eval_size", "64"))
+    with pytest.raises(ValueError, match="has no rows"):
+        train(Stage("pretrain", lambda args, tok: TokenRows(n=0)), tiny_args("--out_dir", str(tmp_path)))
+
+
+def test_rows_that_supervise_nothing_get_a_warning(tmp_path, capsys):
+    def unsupervised(args, tok):
+        rows = TokenRows()
+        rows.labels[::2] = -100  # every other row: a prompt cut off before its reply
+        return rows
+
+    train(Stage("pretrain", unsupervised), tiny_args("--out_dir", str(tmp_path), "--max_steps", "1"))
+    assert "[data] warning: 32 of 64 sampled rows have no supervised token" in capsys.readouterr().out
+
+
+def test_resume_notes_changed_settings_and_refuses_other_lora_shapes(tmp_path, capsys):
+    from model.model_lora import apply_lora
+
+    def lora(rank):
+        return Stage("lora", token_rows, setup=lambda model, args: apply_lora(model, rank=rank))
+
+    flags = ("--out_dir", str(tmp_path), "--max_steps", "2", "--save_interval", "2")
+    train(lora(2), tiny_args(*flags))
+    train(lora(2), tiny_args(*flags, "--max_steps", "3", "--learning_rate", "5e-4", "--from_resume", "1"))
+    out = capsys.readouterr().out
+    assert "[resume] note: --learning_rate was 0.001, now 0.0005" in out and "--max_steps was 2, now 3" in out
+    with pytest.raises(ValueError, match=r"(?s)does not fit.*lora_A: file has \(2, 64\), model has \(4, 64\)"):
+        train(lora(4), tiny_args(*flags, "--max_steps", "4", "--from_resume", "1"))
+
+
+@pytest.mark.parametrize("saved, new", [((7, 8, 5), (4, 11)), ((3, 8, 5), (16, 2)), ((7, 8, None), (4, 11))])
+def test_a_new_global_batch_resumes_at_the_same_epoch_and_row(saved, new):
+    """44 rows: batch 8 makes 5 steps an epoch (4 rows dropped), batch 4 makes 11, batch 16 makes 2."""
+    step, batch, per_epoch = saved
+    expected = {(7, 8, 5): 11 + 16 // 4, (3, 8, 5): 24 // 16, (7, 8, None): 56 // 4}[saved]
+    assert rescaled_step(step, batch, per_epoch, *new) == expected

@@ -203,3 +203,12 @@ def test_bad_sampling_flags_and_a_missing_device_are_one_line_errors(tmp_path, c
     with pytest.raises(SystemExit) as exit:
         main(["--hidden_size", "64", "--out_dir", str(tmp_path), "--device", missing])
     assert f"error: device '{missing}' is not usable here" in str(exit.value.code)
+
+
+def test_a_typed_out_dir_is_found_in_the_current_directory_first(tmp_path, monkeypatch):
+    from model.loading import OUT_DIR, out_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert out_dir(None) == OUT_DIR and out_dir("runs") == REPO_ROOT / "runs"  # nothing here: the repo's
+    (tmp_path / "runs").mkdir()
+    assert out_dir("runs") == tmp_path / "runs"

@@ -211,3 +211,54 @@ def test_minimind2_tokenizer_folder_loads_and_trains_sft(tmp_path):
     supervised = item["input_ids"][item["labels"] != -100]
     assert tok.decode(supervised) == "你好！<|im_end|>"
     assert torch.equal(item["labels"][item["labels"] != -100], supervised)
+
+
+def write_corpus(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_train_tokenizer_names_the_bad_corpus_line(tmp_path):
+    from dataset import DataError
+    from trainer.train_tokenizer import jsonl_corpus, main
+
+    ok = json.dumps({"text": EN})
+    for bad, says in [('{"text": "cut', "malformed JSON"), ('{"txt": "x"}', "string 'text'"),
+                      ('{"text": 3}', "string 'text'")]:
+        corpus = write_corpus(tmp_path / "corpus.jsonl", [ok, "", bad])  # the blank line still counts
+        with pytest.raises(DataError, match=f"corpus.jsonl:3: .*{says}"):
+            list(jsonl_corpus(corpus))
+        with pytest.raises(SystemExit) as stop:  # main prints one line, no traceback
+            main(["--corpus", str(corpus), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300"])
+        assert f"{corpus}:3: " in str(stop.value.code)
+    assert not (tmp_path / "tok").exists()
+
+
+def test_train_tokenizer_on_a_corpus_too_small_for_the_vocabulary(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.jsonl", [json.dumps({"text": "hello world"})])
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "trainer" / "train_tokenizer.py"), "--corpus", str(corpus),
+                           "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "fewer than --vocab_size 300" in proc.stderr and "more text" in proc.stderr
+    assert not (tmp_path / "tok").exists()
+
+
+def test_train_tokenizer_never_silently_replaces_another_vocabulary(tmp_path):
+    from trainer.train_tokenizer import main
+
+    out = tmp_path / "tok"
+    flags = ["--out_dir", str(out), "--vocab_size", "300"]
+    first = write_corpus(tmp_path / "first.jsonl", [json.dumps({"text": EN})] * 3)
+    other = write_corpus(tmp_path / "other.jsonl", [json.dumps({"text": ZH}, ensure_ascii=False)] * 3)
+    main(["--corpus", str(first), *flags])
+    main(["--corpus", str(first), *flags])  # the same vocabulary again: no --force needed
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(SystemExit) as stop:
+        main(["--corpus", str(other), *flags])
+    assert "another vocabulary" in str(stop.value.code) and "--force" in str(stop.value.code)
+    assert "--out_dir" in str(stop.value.code)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the old files untouched
+    main(["--corpus", str(other), *flags, "--force"])
+    assert (out / "tokenizer.json").read_bytes() != before["tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.jsonl", "other.jsonl", "tok"]  # no temp folder left

@@ -127,3 +127,21 @@ def test_ddp_two_ranks_with_half_the_batch_equal_one_process(tmp_path):
     assert (one_state["world_size"], two_state["world_size"]) == (1, 2)
     for k, w in one_state["model"].items():
         torch.testing.assert_close(two_state["model"][k], w, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_name_without_its_data_file_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from trainer.train_lora import parse
+
+    monkeypatch.setattr(lm, "DATA_DIR", tmp_path)  # whatever dataset/ holds on this machine
+    (tmp_path / "demo").mkdir()
+    demo = write_jsonl(tmp_path / "demo" / "lora_identity.jsonl", [])
+    with pytest.raises(SystemExit) as stop:  # not an adapter named medical trained on the identity demo
+        parse(["--device", "cpu", "--lora_name", "medical"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and str(tmp_path / "lora_medical.jsonl") in err
+    assert "download_data.py lora_medical.jsonl" in err and "--data_path" in err
+    assert parse(["--device", "cpu"]).data_path == str(demo)  # the default name still falls back to the demo
+    data = write_jsonl(tmp_path / "mine.jsonl", [])
+    assert parse(["--device", "cpu", "--lora_name", "medical", "--data_path", str(data)]).data_path == str(data)
+    medical = write_jsonl(tmp_path / "lora_medical.jsonl", [])
+    assert parse(["--device", "cpu", "--lora_name", "medical"]).data_path == str(medical)

@@ -24,7 +24,8 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps before the cosine")
     run.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
     run.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    run.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: all epochs)")
+    run.add_argument("--max_steps", type=int, default=0,
+                     help="train this many optimizer steps (0: all epochs); the LR schedule spans them")
     run.add_argument("--time_budget", type=float, default=0, help="stop after this many seconds (0: no limit)")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best there is)")
@@ -52,12 +53,16 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     io.add_argument("--from_weight", default="none", help="a stage name (out/<name>_<hidden>.pth), a path, or none")
     io.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="continue the run from its resume file")
     io.add_argument("--save_weight", default=None, help="checkpoint name prefix: out/<save_weight>_<hidden>.pth")
-    io.add_argument("--out_dir", "--save_dir", dest="out_dir", default="out")
-    io.add_argument("--save_interval", type=int, default=1000, help="save weights + resume file every N steps")
+    io.add_argument("--out_dir", "--save_dir", dest="out_dir", default=None,
+                    help="where checkpoints go (default: out/ in the repo; a relative path: in the current "
+                         "directory if it has that folder, else in the repo)")
+    io.add_argument("--save_interval", type=int, default=1000,
+                    help="save weights + resume file every N steps (0: at the end only)")
     io.add_argument("--save_hf", action="store_true", help="also write a transformers folder (+ tokenizer)")
 
     log = p.add_argument_group("progress and logging")
-    log.add_argument("--log_interval", type=int, default=100, help="steps between progress updates")
+    log.add_argument("--log_interval", type=int, default=100,
+                     help="steps between progress updates and NaN checks (0: at saves only)")
     log.add_argument("--eval_interval", type=int, default=500, help="steps between held-out evals (0: end only)")
     log.add_argument("--eval_size", type=int, default=200, help="rows held out for eval (0: no eval)")
     log.add_argument("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
@@ -94,6 +99,12 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     ``demo`` replaces the GPU-sized defaults the user did not type, so a bare ``python trainer/train_<stage>.py``
     finishes in minutes and learns something; one line says why. A typed flag is never changed."""
     args = parser.parse_args(argv)
+    for flag in ("batch_size", "accumulation_steps", "epochs", "max_seq_len"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    for flag in ("max_steps", "warmup_iters", "save_interval", "log_interval", "eval_interval", "eval_size"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must not be negative (0: see --help)")
     if args.compile_mode != "default" and not args.use_compile:
         parser.error(f"--compile_mode {args.compile_mode} needs --use_compile 1")
     if args.compile_mode == "reduce-overhead" and int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -31,11 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from dataset import pad_collate, train_eval_split
+from dataset import DataError, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.loading import (checkpoint_path, load_tokenizer, load_weights, out_dir, resolve_path, save_transformers,
-                           save_weights)
+from model.loading import (checkpoint_path, load_state_dict_into, load_tokenizer, load_weights, out_dir, resolve_path,
+                           save_transformers, save_weights)
 from trainer.args import model_config
 from trainer.checkpoint import load_resume, resume_path, save_resume, set_rng_state, shape_of
 from trainer.logger import make_logger
@@ -170,18 +170,49 @@ def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt:
 # the loop
 
 
-def restore(state: dict[str, Any], raw: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            global_batch: int, rt: Runtime) -> tuple[int, str | None]:
-    """Load a resume file's state; returns (step, logger run id). The step counts the same rows trained on when
-    the global batch changed (e.g. another GPU count), as MiniMind rescales it."""
-    raw.load_state_dict(state["model"])
+# Settings whose change on resume makes a different run from the one saved: each gets a note.
+RUN_SETTINGS = ("data_path", "max_seq_len", "learning_rate", "warmup_iters", "epochs", "max_steps", "batch_size",
+                "accumulation_steps", "seed", "lora_rank", "lora_alpha", "lora_targets", "beta")
+
+
+def restore(state: dict[str, Any], resume_file: Path, raw: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, args: Namespace, global_batch: int, steps_per_epoch: int,
+            rt: Runtime) -> tuple[int, str | None]:
+    """Load a resume file's state; returns (step, logger run id). When the global batch changed (e.g. another GPU
+    count), the step is the one at the same epoch and row of it, so no row is trained on twice or skipped."""
+    saved = state.get("args", {})
+    for name in RUN_SETTINGS:
+        if name in saved and name in vars(args) and saved[name] != getattr(args, name):
+            rt.print(f"[resume] note: --{name} was {saved[name]}, now {getattr(args, name)}")
+    load_state_dict_into(raw, state["model"], resume_file)  # a model of other LoRA settings: a clear refusal
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
-    step = state["step"] * state["global_batch"] // global_batch
+    step = state["step"]
     if state["global_batch"] != global_batch:
+        step = rescaled_step(step, state["global_batch"], state.get("steps_per_epoch"), global_batch, steps_per_epoch)
         rt.print(f"[resume] global batch {state['global_batch']} -> {global_batch} rows: step {state['step']} -> {step}")
     return step, state["run_id"]
+
+
+def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new_global_batch: int,
+                  new_steps_per_epoch: int) -> int:
+    """The step of a new global batch size at the same epoch and row of it (each epoch drops its own last partial
+    step, so the rows before an epoch differ between batch sizes). Old resume files lack steps_per_epoch: then
+    the step counts rows from the start."""
+    epoch, into_epoch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, step)
+    return epoch * new_steps_per_epoch + into_epoch * global_batch // new_global_batch
+
+
+def check_supervision(stage: Stage, data: Dataset, rt: Runtime, sample: int = 64) -> None:
+    """Warn when sampled rows have no supervised token (a reply cut off by --max_seq_len): they train nothing."""
+    if stage.loss_weight is None or len(data) == 0:
+        return
+    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:sample].tolist()
+    empty = sum(stage.loss_weight(stage.collate([data[i]])) == 0 for i in picks)
+    if empty:
+        rt.print(f"[data] warning: {empty} of {len(picks)} sampled rows have no supervised token within --max_seq_len "
+                 f"(the reply is cut off): they train nothing. Raise --max_seq_len, or shorten the prompts.")
 
 
 class Window:
@@ -245,8 +276,15 @@ def train(stage: Stage, args: Namespace) -> Result:
         stage.setup(raw, args)
 
     dataset = stage.build_dataset(args, tokenizer)
+    if len(dataset) == 0:
+        raise ValueError(f"{getattr(args, 'data_path', None) or 'the dataset'} has no rows")
+    if args.eval_size >= len(dataset):
+        raise ValueError(f"--eval_size {args.eval_size} leaves no rows to train on: the data has {len(dataset)}; "
+                         f"lower it (0: no held-out eval)")
     train_set, eval_set = train_eval_split(dataset, eval_size=args.eval_size, seed=args.seed) if args.eval_size \
         else (dataset, None)
+    if rt.is_main:
+        check_supervision(stage, train_set, rt)
     global_batch = args.batch_size * args.accumulation_steps * rt.world_size
     steps_per_epoch = math.ceil(len(train_set) / rt.world_size) // args.batch_size // args.accumulation_steps
     if steps_per_epoch == 0:
@@ -261,7 +299,8 @@ def train(stage: Stage, args: Namespace) -> Result:
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 only: bf16 needs none
     step, run_id = 0, None
     if args.from_resume:
-        step, run_id = restore(load_resume(resume_file, stage.name, config), raw, optimizer, scaler, global_batch, rt)
+        step, run_id = restore(load_resume(resume_file, stage.name, config), resume_file, raw, optimizer, scaler, args,
+                               global_batch, steps_per_epoch, rt)
         rt.print(f"[resume] {resume_file} at step {step}/{total}")
 
     model: nn.Module = torch.compile(raw, mode=args.compile_mode) if args.use_compile else raw
@@ -288,15 +327,31 @@ def train(stage: Stage, args: Namespace) -> Result:
             stage.save_weights(raw, weights_file)
             save_resume(resume_file, stage=stage.name, shape=shape_of(config), model=raw.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                        global_batch=global_batch, world_size=rt.world_size, run_id=logger.run_id, args=vars(args))
+                        global_batch=global_batch, steps_per_epoch=steps_per_epoch, world_size=rt.world_size,
+                        run_id=logger.run_id, args=vars(args))
         last_saved = step
+
+    def save_before_stopping() -> str:
+        """Save the steps since the last save, unless they went NaN; say how to go on. (DDP: the other ranks are
+        mid-step, so only a single process can save here.)"""
+        went_nan = window.first_bad.item() != float("inf")  # host sync: fine, the run is over
+        if rt.ddp or last_saved == step or went_nan:
+            where = f"step {last_saved}" if last_saved else "nothing saved yet"
+        else:
+            save()
+            where = f"saved step {step}"
+        return (f"Stopped ({where}). Fix or delete that line, or add --skip_bad_lines, then continue with "
+                f"--from_resume 1.")
 
     with tqdm(total=total, initial=step, disable=not rt.is_main, dynamic_ncols=True) as bar:
         while step < total:
             lr = lr_at(step, total, args.learning_rate, args.warmup_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = list(next(batches))
+            try:
+                micro_batches = list(next(batches))
+            except DataError as e:  # a bad row mid-epoch: keep the steps done so far, then stop
+                raise DataError(f"{e}\n{save_before_stopping()}") from None
             # Each micro-batch counts by its share of the step's tokens (supervised ones, on all ranks): then k
             # micro-batches, or N GPUs, give one big batch's gradient even when rows hold different numbers of
             # supervised tokens. DDP averages gradients over ranks, hence the world size.
@@ -323,8 +378,8 @@ def train(stage: Stage, args: Namespace) -> Result:
             step += 1
             bar.update()
 
-            save_due = step % args.save_interval == 0 or step == total
-            if step % args.log_interval and not save_due:
+            save_due = step == total or bool(args.save_interval) and step % args.save_interval == 0
+            if not save_due and not (args.log_interval and step % args.log_interval == 0):
                 continue
             record, first_bad = window.read()  # host sync, once per log interval
             if first_bad is not None:

@@ -13,15 +13,27 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from dataset import SFTDataset, resolve_data_path
+from dataset import SFTDataset, lm_dataset, resolve_data_path
 from model import MiniMindConfig
 from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_summary, save_lora
 from trainer import Stage, build_parser, parse_args, run
 
 
+DEFAULT_NAME = "identity"  # the only name with a bundled demo set to fall back on
+
+
 def lora_file(args: Namespace) -> Path:
-    # --lora_name medical finds MiniMind's dataset/lora_medical.jsonl; the default name finds lora_identity.jsonl
-    return resolve_data_path(args.data_path, [f"lora_{args.lora_name}.jsonl"], "lora_identity.jsonl")
+    """--data_path, else dataset/lora_<name>.jsonl (MiniMind's lora_medical.jsonl for --lora_name medical).
+
+    Only the default name falls back to the bundled identity set: an adapter named medical but trained on identity
+    data would be a silent lie, so another name without its file is an error (a usage error, via parse_args)."""
+    name = f"lora_{args.lora_name}.jsonl"
+    if args.data_path is None and args.lora_name != DEFAULT_NAME and not (lm_dataset.DATA_DIR / name).is_file():
+        raise FileNotFoundError(
+            f"--lora_name {args.lora_name}: no {lm_dataset.DATA_DIR / name}. Download it with: "
+            f"{lm_dataset.DOWNLOAD_HINT.format(name=name)}; or pass --data_path FILE "
+            f"(only --lora_name {DEFAULT_NAME} falls back to the bundled demo set)")
+    return resolve_data_path(args.data_path, [name], "lora_identity.jsonl")
 
 
 def lora_data(args: Namespace, tokenizer) -> SFTDataset:
@@ -47,7 +59,9 @@ def parse(argv: list[str] | None = None) -> Namespace:
     parser = build_parser(__doc__, epochs=10, batch_size=32, learning_rate=1e-4, max_seq_len=340, log_interval=10,
                           from_weight="full_sft", wandb_project="MiniMind-LoRA")
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora_name", default="identity", help="the adapter's name: out/lora/lora_<name>_<hidden>.pth")
+    lora.add_argument("--lora_name", default=DEFAULT_NAME,
+                      help="the adapter's name: out/lora/lora_<name>_<hidden>.pth; without --data_path it trains on "
+                      "dataset/lora_<name>.jsonl (identity: the bundled demo set if that file is missing)")
     lora.add_argument("--lora_rank", type=int, default=16)
     lora.add_argument("--lora_alpha", type=float, default=None,
                       help="the update is scaled by alpha/rank (default: alpha = rank, unscaled as in MiniMind)")

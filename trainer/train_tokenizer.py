@@ -3,6 +3,9 @@
     python trainer/train_tokenizer.py                            # rebuild the shipped tokenizer into model/
     python trainer/train_tokenizer.py --corpus dataset/pretrain_hq.jsonl --out_dir out/my_tokenizer
 
+A tokenizer.json already in --out_dir whose vocabulary differs from the new one is only replaced with --force: every
+checkpoint trained with the old one would load without error and read its ids as other tokens.
+
 Special tokens sit at fixed ids, the same as MiniMind's, so official MiniMind weights and ours agree on them:
     0 <|endoftext|> (pad, unk)   1 <|im_start|> (bos)   2 <|im_end|> (eos)
     3-8 <tool_call> </tool_call> <tool_response> </tool_response> <think> </think>  (reserved, as in minimind-3)
@@ -30,14 +33,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
+import sys
 import sysconfig
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from dataset.lm_dataset import DataError
 from dataset.sources import chatterbot_dialogues, fetch_sources
+from model.loading import resolve_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO_ROOT / "model"
@@ -46,6 +55,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 RESERVED_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
 CODE_CAP_BYTES = 4_000_000
 MIN_WORD_FREQ = 20
+
+
+class TokenizerError(RuntimeError):
+    """A tokenizer that cannot be built or saved as asked; main() prints the message instead of a traceback."""
+
 
 # ChatML. Plain conversations render as exact ChatML; tools (a `tools=` argument or a system turn's `tools` field),
 # assistant `tool_calls` / `reasoning_content` and `tool` turns render the Qwen3 / minimind-3 way. Parsed JSON
@@ -146,11 +160,24 @@ def default_corpus(sources: dict[str, Path]) -> Iterator[str]:
 
 
 def jsonl_corpus(path: Path) -> Iterator[str]:
-    """The `text` field of every line of a jsonl file (MiniMind's pretrain format), read lazily."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
+    """The `text` field of every line of a jsonl file (MiniMind's pretrain format), read lazily.
+
+    A line that is not a JSON object with a string "text" raises DataError naming `path:line`."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)["text"]
+                yield _text(line, f"{path}:{lineno}")
+
+
+def _text(line: bytes, where: str) -> str:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: malformed JSON ({e})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        preview = line.decode(errors="replace").strip()[:80]
+        raise DataError(f"{where}: expected an object with a string 'text', got {preview}")
+    return row["text"]
 
 
 def train(texts: Iterator[str], vocab_size: int) -> Tokenizer:
@@ -165,12 +192,51 @@ def train(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     # Reserved tokens are never split, but decode(skip_special_tokens=True) keeps them (as in Qwen3): a chat
     # front end must still see <think> and <tool_call> to parse reasoning and tool calls.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in RESERVED_TOKENS])
-    assert tokenizer.get_vocab_size() == vocab_size, tokenizer.get_vocab_size()
+    size = tokenizer.get_vocab_size()
+    if size < vocab_size:  # BPE stops early when the text has no pair left to merge
+        raise TokenizerError(
+            f"the corpus produced {size} tokens, fewer than --vocab_size {vocab_size}: give it more text, or pass "
+            f"--vocab_size {size} or less (a model for this tokenizer then needs the same vocab_size; the trainers "
+            f"take it from the tokenizer in model/, MiniMindConfig's default is 6400)")
     return tokenizer
 
 
+def check_overwrite(tokenizer: Tokenizer, out_dir: Path) -> None:
+    """Refuse to replace a tokenizer.json whose vocabulary differs from the new one (rebuilding it is fine)."""
+    old_file = out_dir / "tokenizer.json"
+    if not old_file.is_file():
+        return
+    try:
+        old_vocab = Tokenizer.from_file(str(old_file)).get_vocab()
+    except Exception:  # unreadable: we cannot tell it is the same tokenizer, so treat it as another one
+        old_vocab = None
+    if old_vocab == tokenizer.get_vocab():
+        return
+    raise TokenizerError(
+        f"{old_file} holds a tokenizer with another vocabulary. Replacing it makes every checkpoint trained with it "
+        f"(out/*.pth when this is model/) garbage: they would still load, with ids that mean other tokens. Save "
+        f"the new one elsewhere with --out_dir some/new/folder (eval_llm.py --tokenizer and "
+        f"model.loading.load_tokenizer(path) read any folder; the trainers always use model/), or pass --force "
+        f"to replace it")
+
+
 def save(tokenizer: Tokenizer, out_dir: Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja that transformers 4.x and 5.x both load."""
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja that transformers 4.x and 5.x both load.
+
+    The files are written into a temp folder beside out_dir and then renamed into it, so a failure while writing
+    leaves the old tokenizer as it was rather than half replaced."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        _write(tokenizer, tmp)
+        out_dir.mkdir(exist_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(tokenizer: Tokenizer, out_dir: Path) -> None:
     from transformers import PreTrainedTokenizerFast
 
     # bos/eos follow MiniMind: a document or turn is <|im_start|>...<|im_end|>, so generation stops at <|im_end|>.
@@ -178,7 +244,6 @@ def save(tokenizer: Tokenizer, out_dir: Path) -> None:
     hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>", model_max_length=32768,
                                  clean_up_tokenization_spaces=False, chat_template=CHAT_TEMPLATE)
-    out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out_dir))
     # transformers 5 writes "TokenizersBackend" and a list-typed extra_special_tokens: transformers 4.x (and
     # llama.cpp's converter, which pins it) cannot load either; this spelling loads in both.
@@ -191,19 +256,31 @@ def save(tokenizer: Tokenizer, out_dir: Path) -> None:
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, help="a jsonl file of {\"text\": ...} lines; default: the shipped "
+    parser.add_argument("--corpus", help="a jsonl file of {\"text\": ...} lines; a relative path counts from the "
+                        "current directory if it exists there, else from the repo root; default: the shipped "
                         "tokenizer's offline sources / 自己的语料 (jsonl)")
-    parser.add_argument("--out_dir", type=Path, default=MODEL_DIR, help="where to save (default: model/)")
+    parser.add_argument("--out_dir", default=None,
+                        help="where to save (default: model/, the tokenizer the trainers use; a relative path: in "
+                        "the current directory if it has that folder, else in the repo) / 保存目录")
     parser.add_argument("--vocab_size", type=int, default=6400, help="total tokens, special ones included")
-    args = parser.parse_args()
+    parser.add_argument("--force", action="store_true",
+                        help="replace a tokenizer in --out_dir even if its vocabulary differs (its checkpoints break)")
+    args = parser.parse_args(argv)
 
-    # Relative paths count from the repo root, so the script behaves the same from the root or from trainer/.
-    corpus, out_dir = (p if p is None or p.is_absolute() else REPO_ROOT / p for p in (args.corpus, args.out_dir))
+    corpus = resolve_path(args.corpus) if args.corpus else None
+    if corpus is not None and not corpus.is_file():
+        parser.error(f"--corpus {args.corpus}: no such file (a relative path: in the current directory, else in "
+                     f"the repo root {REPO_ROOT})")
+    out_dir = resolve_path(args.out_dir) if args.out_dir else MODEL_DIR  # as the trainers resolve --out_dir
     start = time.time()
-    texts = jsonl_corpus(corpus) if corpus else default_corpus(fetch_sources())
-    tokenizer = train(texts, args.vocab_size)
+    try:
+        tokenizer = train(jsonl_corpus(corpus) if corpus else default_corpus(fetch_sources()), args.vocab_size)
+        if not args.force:
+            check_overwrite(tokenizer, out_dir)
+    except (DataError, TokenizerError) as e:
+        sys.exit(f"train_tokenizer.py: error: {e}")
     save(tokenizer, out_dir)
     print(f"saved a {tokenizer.get_vocab_size()}-token tokenizer to {out_dir} in {time.time() - start:.0f}s")
 
