@@ -4,7 +4,7 @@ Nothing here holds a data file in RAM, so multi-GB jsonl files cost the same mem
 - pretrain files are tokenised once into a uint16 token file (np.memmap) + document offsets, cached on disk;
 - SFT / DPO files are indexed once (byte offset of every line) and each row is read, rendered with the
   tokenizer's chat template and tokenised lazily in __getitem__.
-Caches live in `<dir of the data file>/.cache/`, keyed by the source file (path, size, mtime), the tokenizer and
+Caches live in `<dir of the data file>/.cache/` (`~/.cache/minimind-lab/` when that folder is read-only), keyed by the source file (path, size, mtime), the tokenizer and
 the format version, written atomically and built by one process while the others (DDP ranks) wait on a file lock.
 
 Items are dicts of 1-D LongTensors, `input_ids` and `labels` (aligned: the model shifts internally; -100 = no
@@ -97,6 +97,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+USER_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minimind-lab"
+
+
+def default_cache_dir(source: Path) -> Path:
+    """``<data dir>/.cache``, or a folder in the user's cache when the data sits where nobody may write."""
+    beside = source.parent / ".cache"
+    if os.access(beside if beside.is_dir() else source.parent, os.W_OK):
+        return beside
+    return USER_CACHE_DIR
+
+
 def _cached(source: Path, cache_dir: str | os.PathLike | None, kind: str, key: dict, parts: list[str],
             build: Callable[[dict[str, Path]], dict]) -> tuple[dict[str, Path], dict, bool]:
     """Return ({part: file}, meta, built_now) for a cache of `source`, building it once if needed.
@@ -110,7 +121,7 @@ def _cached(source: Path, cache_dir: str | os.PathLike | None, kind: str, key: d
     key = {**key, "source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
            "kind": kind, "version": CACHE_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) if cache_dir is not None else source.parent / ".cache"
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(source)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"{source.name}.{kind}.{digest}"
     files = {part: stem.with_name(f"{stem.name}.{part}") for part in parts}

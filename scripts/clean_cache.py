@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset.lm_dataset import DATA_DIR, cache_files, stale_caches
+from dataset.lm_dataset import DATA_DIR, USER_CACHE_DIR, cache_files, stale_caches
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache_dir", action="append", help="a cache folder (default: every .cache folder under dataset/)")
+    p.add_argument("--cache_dir", action="append",
+                   help="a cache folder (default: every .cache folder under dataset/, and ~/.cache/minimind-lab)")
     p.add_argument("--delete", action="store_true", help="remove the stale caches")
     args = p.parse_args(argv)
-    folders = [Path(f) for f in args.cache_dir] if args.cache_dir else sorted(DATA_DIR.rglob(".cache"))
+    folders = [Path(f) for f in args.cache_dir] if args.cache_dir else \
+        sorted(DATA_DIR.rglob(".cache")) + [USER_CACHE_DIR] * USER_CACHE_DIR.is_dir()
     freed, stale_seen = 0, False
     for folder in folders:
         stale = dict(stale_caches(folder))

@@ -2,6 +2,7 @@
 
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,16 @@ def test_cache_reused_and_invalidated(tok, tmp_path):
     other_tok = PretrainDataset(path, make_tokenizer(vocab_size=300), 32)  # the tokenizer changed
     assert other_tok.built_cache and other_tok.files["bin"] != changed.files["bin"]
     assert not list((tmp_path / ".cache").glob("*.tmp*"))
+
+
+def test_data_in_a_read_only_folder_is_cached_in_the_users_cache(tok, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS])
+    real_access = os.access
+    monkeypatch.setattr(lm.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))  # root may write all
+    monkeypatch.setattr(lm, "USER_CACHE_DIR", tmp_path / "user-cache")
+    assert PretrainDataset(path, tok, 32).files["bin"].parent == tmp_path / "user-cache"
+    assert SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CHAT}]), tok, 64).files["lines"].parent \
+        == tmp_path / "user-cache"
 
 
 def test_clean_cache_removes_only_caches_that_can_never_be_used_again(tok, tmp_path, capsys):

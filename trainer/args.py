@@ -50,6 +50,9 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     io = p.add_argument_group("data and checkpoints")
     io.add_argument("--data_path", default=None, help="jsonl file (default: MiniMind's file in dataset/, else the demo)")
     io.add_argument("--skip_bad_lines", action="store_true", help="skip unreadable rows instead of stopping")
+    io.add_argument("--cache_dir", default=None,
+                    help="where token caches and line indexes go (default: <data dir>/.cache, or ~/.cache/minimind-lab "
+                         "when the data folder is read-only)")
     io.add_argument("--from_weight", default="none", help="a stage name (out/<name>_<hidden>.pth), a path, or none")
     io.add_argument("--from_resume", type=int, default=0, choices=[0, 1], help="continue the run from its resume file")
     io.add_argument("--save_weight", default=None, help="checkpoint name prefix: out/<save_weight>_<hidden>.pth")

@@ -66,7 +66,8 @@ def dpo_file(args: Namespace) -> Path:
 
 
 def dpo_data(args: Namespace, tokenizer) -> DPODataset:
-    return DPODataset(dpo_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    return DPODataset(dpo_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                      cache_dir=args.cache_dir)
 
 
 @dataclass

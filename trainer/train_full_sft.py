@@ -16,7 +16,8 @@ def sft_file(args: Namespace) -> Path:
 
 
 def sft_data(args: Namespace, tokenizer) -> SFTDataset:
-    return SFTDataset(sft_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    return SFTDataset(sft_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                      cache_dir=args.cache_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
