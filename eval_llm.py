@@ -21,31 +21,7 @@ import torch
 
 from model.generation import ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
 from model.loading import add_model_args, model_from_args
-from scripts.metrics import ngram_repetition
-
-# The eight prompts MiniMind's users compare models on (our wording): skills, sky, code, biology, weather,
-# comparison, a definition, food. Pretrained models get openings on the same topics to continue.
-CHAT_PROMPTS = [
-    "你有哪些拿手的本领？",
-    "天空为什么看起来是蓝色的？",
-    "请用Python写一个计算斐波那契数列的函数。",
-    "简单解释一下光合作用是怎么回事。",
-    "你觉得明天会下雨吗？",
-    "比较一下猫和狗作为宠物各有什么优缺点。",
-    "什么是机器学习？请通俗地讲一讲。",
-    "推荐几道有代表性的中国美食，并说说它们的特点。",
-]
-PLAIN_PROMPTS = [
-    "我最擅长的事情是",
-    "天空之所以呈现蓝色，是因为",
-    "用Python计算斐波那契数列，可以这样写：",
-    "光合作用是植物",
-    "明天会不会下雨，要看",
-    "猫和狗是人类最常见的两种宠物，",
-    "机器学习是人工智能的一个分支，",
-    "中国美食种类繁多，",
-]
-
+from scripts.metrics import CHAT_PROMPTS, PLAIN_PROMPTS, ngram_repetition
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -64,9 +64,9 @@ def resolve_data_path(data_path: str | os.PathLike | None, default_names: list[s
         for candidate in candidates:
             if candidate.is_file():
                 return candidate.resolve()
-        tried = " or ".join(str(c.resolve()) for c in candidates)
-        raise FileNotFoundError(f"data file not found: looked for {tried}. Download it with: "
-                                + DOWNLOAD_HINT.format(name=path.name))
+        tried = " or ".join(dict.fromkeys(str(c.resolve()) for c in candidates))  # the same path once
+        raise FileNotFoundError(f"data file not found: looked for {tried}. MiniMind's files: "
+                                "python scripts/download_data.py --list")
     for name in default_names:
         if (DATA_DIR / name).is_file():
             return DATA_DIR / name

@@ -203,8 +203,7 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 # A model for inference: stage name / .pth / transformers folder (+ LoRA) -> (model, tokenizer)
 
 # The training script that writes each stage's checkpoint, for "make it with ..." messages.
-TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
-                 "lora": "train_lora.py", "reason": "train_distill_reason.py"}
+TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py"}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.
 YARN_16X = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1,
@@ -327,9 +326,14 @@ def find_weights(
         hidden, moe = re.fullmatch(rf"{re.escape(stage)}_(\d+)(_moe)?\.pth", other.name).groups()
         lines.append(f"Found {other}: load it with --hidden_size {hidden} --use_moe {int(bool(moe))}")
     flags = f"--hidden_size {shape['hidden_size']} --use_moe {int(bool(shape.get('use_moe')))}"
-    script = TRAIN_SCRIPTS.get(stage, f"train_{stage}.py")
-    lines.append(f"Make it with: python trainer/{script} {flags} (add --out_dir if you train elsewhere),")
-    lines.append("or put MiniMind's released .pth there (ModelScope gongjy/minimind-3-pytorch), or pass a path or a "
+    if stage in TRAIN_SCRIPTS:
+        lines.append(f"Make it with: python trainer/{TRAIN_SCRIPTS[stage]} {flags} (add --out_dir if you train "
+                     "elsewhere),")
+    else:
+        there = sorted(p.name for p in path.parent.glob("*.pth") if not p.stem.endswith("_resume"))
+        lines.append(f"'{stage}' is none of the stages the trainers name their files after ({', '.join(TRAIN_SCRIPTS)})"
+                     f"; checkpoints in {path.parent}: {', '.join(there) or 'none'}.")
+    lines.append("Or put MiniMind's released .pth there (ModelScope gongjy/minimind-3-pytorch), or pass a path or a "
                  "transformers folder (eval_llm.py --load_from DIR).")
     raise FileNotFoundError("\n".join(lines))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Iterator
 
 from openai import APIError, OpenAI
 
@@ -37,6 +39,21 @@ def reply(client: OpenAI, args: argparse.Namespace, messages: list[dict[str, str
     return text
 
 
+def prompts() -> Iterator[str]:
+    """Typed lines; piped lines are echoed, so the transcript reads like a chat. Ends at EOF, Ctrl-D or Ctrl-C."""
+    typed = sys.stdin.isatty()
+    while True:
+        try:
+            text = input("👶: " if typed else "").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text and not typed:
+            print(f"👶: {text}")
+        if text:
+            yield text
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base_url", default="http://127.0.0.1:8998/v1")
@@ -51,18 +68,12 @@ def main() -> None:
         p.error("--history_cnt counts messages, a question and its answer being 2: use 0, 2, 4, ...")
     client = OpenAI(base_url=args.base_url, api_key=args.api_key)  # "none": a server without a key ignores it
     messages: list[dict[str, str]] = []
-    while True:
-        try:
-            text = input("👶: ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if not text:
-            continue
+    for text in prompts():
         if text == "/exit":
             return
         if text == "/clear":
             messages = []
+            print("(history cleared / 历史已清空)")
             continue
         messages = (messages[-args.history_cnt:] if args.history_cnt else []) + [{"role": "user", "content": text}]
         answer = reply(client, args, messages)

@@ -11,6 +11,7 @@ package versions always give byte-identical files. What each file holds: dataset
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import subprocess
@@ -164,13 +165,18 @@ def make_identity(rng: random.Random) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def write_jsonl(path: Path, rows: Iterable[dict]) -> bool:
+    """Write the rows unless the file already holds exactly them: an untouched file keeps its mtime, and with it
+    the token caches built from it. Returns whether the file changed."""
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    path.write_bytes(data)
+    return True
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     rng = random.Random(SEED)
     sources = fetch_sources()
     dialogues = load_dialogues(sources["chatterbot_corpus"])
@@ -183,8 +189,9 @@ def main() -> None:
     outputs = {"pretrain.jsonl": make_pretrain(dialogues, reviews, poems, rng), "sft.jsonl": make_sft(dialogues, rng),
                "dpo.jsonl": make_dpo(dialogues, rng), "lora_identity.jsonl": make_identity(rng)}
     for name, rows in outputs.items():
-        write_jsonl(DEMO_DIR / name, rows)
-        print(f"{name}: {len(rows)} rows, {(DEMO_DIR / name).stat().st_size / 1e6:.2f} MB")
+        changed = write_jsonl(DEMO_DIR / name, rows)
+        print(f"{name}: {len(rows)} rows, {(DEMO_DIR / name).stat().st_size / 1e6:.2f} MB"
+              + ("" if changed else " (unchanged)"))
 
 
 if __name__ == "__main__":

@@ -298,8 +298,9 @@ def test_the_chat_client_prints_errors_and_goes_on(server):
     assert refused.returncode == 0 and "Traceback" not in refused.stderr, refused.stderr
     assert refused.stdout.count("error: Error code: 400") == 2
     ok = run(chat, "--base_url", server, "--api_key", API_KEY, "--max_tokens", "3", "--history_cnt", "2",
-             stdin="hi\nhello\n")
+             stdin="hi\n/clear\nhello\n")
     assert ok.returncode == 0 and "error" not in ok.stdout and ok.stdout.count("🤖: ") == 2
+    assert ok.stdout.startswith("👶: hi\n🤖: ") and "\n(history cleared / 历史已清空)\n👶: hello\n🤖: " in ok.stdout
     down = run(chat, "--base_url", f"http://127.0.0.1:{free_port()}/v1", stdin="hi\n")
     assert down.returncode == 0 and "error: Connection error." in down.stdout, down.stderr
     assert run(chat, "--history_cnt", "3").returncode == 2

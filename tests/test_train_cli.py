@@ -103,6 +103,10 @@ def test_flag_mistakes_are_usage_errors_not_tracebacks(tmp_path, monkeypatch, ca
         with pytest.raises(SystemExit) as stop:
             parse_args(parser, ["--device", "cpu", *flags], sft_file)
         assert stop.value.code == 2 and says in capsys.readouterr().err
+    for flag in (["--save_interval", "-1"], ["--batch_size", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(parser, ["--device", "cpu", *flag])
+        assert f"{flag[0]} must" in capsys.readouterr().err
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun CUDA graphs are refused before any work starts
     with pytest.raises(SystemExit):
         parse_args(parser, ["--device", "cpu", "--use_compile", "1", "--compile_mode", "reduce-overhead"])
@@ -145,3 +149,9 @@ def test_lora_name_without_its_data_file_is_a_usage_error(tmp_path, monkeypatch,
     assert parse(["--device", "cpu", "--lora_name", "medical", "--data_path", str(data)]).data_path == str(data)
     medical = write_jsonl(tmp_path / "lora_medical.jsonl", [])
     assert parse(["--device", "cpu", "--lora_name", "medical"]).data_path == str(medical)
+
+
+def test_a_missing_start_checkpoint_is_one_line_not_a_traceback(tmp_path):
+    result = run_script("train_full_sft.py", *TINY, "--out_dir", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: --from_weight pretrain: no checkpoint at {tmp_path / 'pretrain_64.pth'}" in result.stderr

@@ -404,8 +404,9 @@ def train(stage: Stage, args: Namespace) -> Result:
             if save_due:
                 save()
             if out_of_time.item():
-                rt.print(f"[time] --time_budget {args.time_budget:g}s reached at step {step}/{total}")
                 break
+    if step < total:  # after the bar has closed, so the line stands on its own
+        rt.print(f"[time] --time_budget {args.time_budget:g}s reached at step {step}/{total}")
     if last_saved != step:
         save()
     logger.finish()
@@ -430,10 +431,14 @@ def progress_text(record: dict[str, float]) -> str:
 
 
 def run(stage: Stage, args: Namespace) -> None:
-    """A stage script's whole main: train, then leave DDP cleanly; a diverged run exits 1 with its message."""
+    """A stage script's whole main: train, then leave DDP cleanly. A diverged run, bad data, a missing file or a
+    checkpoint that does not fit exits 1 with its message alone (they say what to do; a traceback would bury it)."""
     try:
         train(stage, args)
     except TrainingDiverged as e:
         print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
+        shutdown(1)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"\nerror: {e}", file=sys.stderr, flush=True)
         shutdown(1)
     shutdown(0)
