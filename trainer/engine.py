@@ -386,9 +386,8 @@ def train(stage: Stage, args: Namespace) -> Result:
                 where = f"{resume_file} (step {last_saved})" if last_saved else \
                     f"{resume_file} (from an earlier run)" if resume_file.exists() else "none, nothing was saved"
                 raise TrainingDiverged(f"loss or gradient is NaN/inf at step {first_bad + 1}; stopped without "
-                                       f"saving. Last good "
-                                       f"checkpoint: {where}. Lower --learning_rate, try --dtype bfloat16 or "
-                                       f"float32, or check the data.")
+                                       f"saving. Last good checkpoint: {where}. Lower --learning_rate, try --dtype "
+                                       f"bfloat16 or float32, or check the data.")
             # every rank must agree to stop, or the others would wait forever at the next all-reduce
             out_of_time = all_ranks(rt, torch.tensor(float(bool(args.time_budget) and time.time() - start >
                                                            args.time_budget), device=rt.device), dist.ReduceOp.MAX)
