@@ -36,6 +36,30 @@ IGNORE_INDEX = -100
 CACHE_VERSION = 2  # bump when what a cache file holds changes (2: blank lines of spaces or "\r" are not rows)
 TOKENIZE_BATCH_BYTES = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
 DOWNLOAD_HINT = "python scripts/download_data.py {name}; --list shows every file"
+# MiniMind's published data files (ModelScope gongjy/minimind_dataset, HF jingyaogong/minimind_dataset).
+# name: (approximate size, what it is for). Sizes are as published by MiniMind and only shown to help you
+# choose: the check after download uses the exact size the server announces.
+KNOWN_FILES = {
+    # minimind-3 (current)
+    "pretrain_t2t_mini.jsonl": ("1.2 GB", "pretrain, recommended start ({'text'})"),
+    "pretrain_t2t.jsonl": ("10 GB", "pretrain, full set"),
+    "sft_t2t_mini.jsonl": ("1.6 GB", "SFT, recommended (max_seq_len ~768; tools, tool calls, reasoning)"),
+    "sft_t2t.jsonl": ("14 GB", "SFT, full set"),
+    "dpo.jsonl": ("53 MB", "DPO preference pairs ({'chosen', 'rejected'})"),
+    "rlaif.jsonl": ("24 MB", "prompts for RLAIF (PPO/GRPO)"),
+    "agent_rl.jsonl": ("?", "agentic RL prompts (tool use)"),
+    "agent_rl_math.jsonl": ("?", "agentic RL prompts (math)"),
+    # MiniMind2 (older names that tutorials use)
+    "pretrain_hq.jsonl": ("1.6 GB", "MiniMind2 pretrain"),
+    "sft_mini_512.jsonl": ("1.2 GB", "MiniMind2 SFT, recommended (max_seq_len 512)"),
+    "sft_512.jsonl": ("7.5 GB", "MiniMind2 SFT, full, 512 tokens"),
+    "sft_1024.jsonl": ("5.6 GB", "MiniMind2 SFT, 1024 tokens"),
+    "sft_2048.jsonl": ("9 GB", "MiniMind2 SFT, 2048 tokens"),
+    "r1_mix_1024.jsonl": ("340 MB", "MiniMind2 reasoning distillation (R1 style)"),
+    "rlaif-mini.jsonl": ("1 MB", "MiniMind2 RLAIF prompts"),
+    "lora_identity.jsonl": ("23 KB", "LoRA demo: the model's self-introduction"),
+    "lora_medical.jsonl": ("34 MB", "LoRA demo: medical Q&A"),
+}
 
 
 class DataError(ValueError):
@@ -65,8 +89,9 @@ def resolve_data_path(data_path: str | os.PathLike | None, default_names: list[s
             if candidate.is_file():
                 return candidate.resolve()
         tried = " or ".join(dict.fromkeys(str(c.resolve()) for c in candidates))  # the same path once
-        raise FileNotFoundError(f"data file not found: looked for {tried}. MiniMind's files: "
-                                "python scripts/download_data.py --list")
+        get = DOWNLOAD_HINT.format(name=path.name) if path.name in KNOWN_FILES else \
+            "python scripts/download_data.py --list shows MiniMind's files"
+        raise FileNotFoundError(f"data file not found: looked for {tried}. {get}")
     for name in default_names:
         if (DATA_DIR / name).is_file():
             return DATA_DIR / name

@@ -25,34 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dataset.lm_dataset import KNOWN_FILES
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "dataset"
 DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
 CHUNK = 1 << 20
-
-# name: (approximate size, what it is for). Sizes are as published by MiniMind and only shown to help you
-# choose: the check after download uses the exact size the server announces.
-KNOWN_FILES = {
-    # minimind-3 (current)
-    "pretrain_t2t_mini.jsonl": ("1.2 GB", "pretrain, recommended start ({'text'})"),
-    "pretrain_t2t.jsonl": ("10 GB", "pretrain, full set"),
-    "sft_t2t_mini.jsonl": ("1.6 GB", "SFT, recommended (max_seq_len ~768; tools, tool calls, reasoning)"),
-    "sft_t2t.jsonl": ("14 GB", "SFT, full set"),
-    "dpo.jsonl": ("53 MB", "DPO preference pairs ({'chosen', 'rejected'})"),
-    "rlaif.jsonl": ("24 MB", "prompts for RLAIF (PPO/GRPO)"),
-    "agent_rl.jsonl": ("?", "agentic RL prompts (tool use)"),
-    "agent_rl_math.jsonl": ("?", "agentic RL prompts (math)"),
-    # MiniMind2 (older names that tutorials use)
-    "pretrain_hq.jsonl": ("1.6 GB", "MiniMind2 pretrain"),
-    "sft_mini_512.jsonl": ("1.2 GB", "MiniMind2 SFT, recommended (max_seq_len 512)"),
-    "sft_512.jsonl": ("7.5 GB", "MiniMind2 SFT, full, 512 tokens"),
-    "sft_1024.jsonl": ("5.6 GB", "MiniMind2 SFT, 1024 tokens"),
-    "sft_2048.jsonl": ("9 GB", "MiniMind2 SFT, 2048 tokens"),
-    "r1_mix_1024.jsonl": ("340 MB", "MiniMind2 reasoning distillation (R1 style)"),
-    "rlaif-mini.jsonl": ("1 MB", "MiniMind2 RLAIF prompts"),
-    "lora_identity.jsonl": ("23 KB", "LoRA demo: the model's self-introduction"),
-    "lora_medical.jsonl": ("34 MB", "LoRA demo: medical Q&A"),
-}
-
 
 class DownloadError(RuntimeError):
     pass
