@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "dataset"
 IGNORE_INDEX = -100
-CACHE_VERSION = 2  # bump when what a cache file holds changes (2: blank lines of spaces or "\r" are not rows)
+# Bump a kind's version when what its cache files hold changes (lines 2: blank lines of spaces or "\r" are no rows).
+CACHE_VERSIONS = {"tokens": 1, "lines": 2}
 TOKENIZE_BATCH_BYTES = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
 DOWNLOAD_HINT = "python scripts/download_data.py {name}; --list shows every file"
 # MiniMind's published data files (ModelScope gongjy/minimind_dataset, HF jingyaogong/minimind_dataset).
@@ -144,7 +145,7 @@ def _cached(source: Path, cache_dir: str | os.PathLike | None, kind: str, key: d
     """
     stat = source.stat()
     key = {**key, "source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-           "kind": kind, "version": CACHE_VERSION}
+           "kind": kind, "version": CACHE_VERSIONS[kind]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(source)
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,8 +181,9 @@ def stale_caches(folder: str | os.PathLike) -> list[tuple[Path, str]]:
             continue  # not one of ours
         source = Path(key["source"])
         stat = source.stat() if source.is_file() else None
-        if key.get("version") != CACHE_VERSION:
-            stale.append((meta_file, f"cache version {key.get('version')} (now {CACHE_VERSION})"))
+        current = CACHE_VERSIONS.get(key.get("kind"))
+        if key.get("version") != current:
+            stale.append((meta_file, f"cache version {key.get('version')} (now {current})"))
         elif stat is None:
             stale.append((meta_file, f"{source} is gone"))
         elif (stat.st_size, stat.st_mtime_ns) != (key["size"], key["mtime_ns"]):
@@ -196,31 +198,41 @@ def cache_files(meta_file: Path) -> list[Path]:
 
 
 INDEX_CHUNK_BYTES = 16 << 20  # how much of a jsonl file the indexer reads at a time
+BLANK_BYTES = np.frombuffer(b" \t\r\f\v", np.uint8)  # what a blank line may hold besides its "\n"
 
 
 def _line_index(tmp: dict[str, Path], source: Path) -> dict:
-    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`."""
+    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`.
+
+    Blank lines (empty, or only spaces / tabs / "\r") are not rows but still count for line numbers. A JSON row
+    starts with "{", so only lines that start with whitespace are looked at closely (in Python).
+    """
     n_rows = lineno = offset = 0
-    short = 16  # a blank line ("\r", spaces) is a short one: only lines of <= 16 bytes are looked at
     with open(source, "rb") as f, open(tmp["lines"], "wb") as out, \
             tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"indexing {source.name}") as bar:
-        line_start, carry = 0, b""  # carry: the start of a line that runs on into the next chunk (if short)
+        line_start, pending = 0, False  # pending: the line running on from earlier chunks has a non-blank byte
         while chunk := f.read(INDEX_CHUNK_BYTES):
-            ends = offset + np.flatnonzero(np.frombuffer(chunk, np.uint8) == ord("\n"))
+            data = np.frombuffer(chunk, np.uint8)
+            ends = offset + np.flatnonzero(data == ord("\n"))
             if len(ends):
                 starts = np.concatenate([[line_start], ends[:-1] + 1])
-                keep = ends > starts  # blank lines are not rows, but still count for line numbers
-                for j in np.flatnonzero(keep & (ends - starts <= short)):
+                keep = ends > starts
+                look = keep & np.isin(data[np.maximum(starts - offset, 0)], BLANK_BYTES)
+                look[0] |= keep[0] and starts[0] < offset  # a line from an earlier chunk: its start is not in `data`
+                for j in np.flatnonzero(look):
                     begin, end = int(starts[j]) - offset, int(ends[j]) - offset
-                    keep[j] = bool((carry + chunk[:end] if begin < 0 else chunk[begin:end]).strip())
+                    if begin < 0:  # the line began in an earlier chunk
+                        keep[j] = pending or bool(chunk[:end].strip())
+                    else:
+                        keep[j] = bool(chunk[begin:end].strip())
                 rows = np.stack([starts[keep], lineno + 1 + np.flatnonzero(keep)], axis=1).astype(np.int64)
                 out.write(rows.tobytes())
                 n_rows, lineno, line_start = n_rows + len(rows), lineno + len(ends), int(ends[-1]) + 1
-            carry = (carry if line_start < offset else b"") + chunk[max(line_start - offset, 0):]
-            carry = carry[:short + 1]
+            began_here = line_start >= offset
+            pending = (pending and not began_here) or bool(chunk[max(line_start - offset, 0):].strip())
             offset += len(chunk)
             bar.update(len(chunk))
-        if line_start < offset and (offset - line_start > short or carry.strip()):  # a last line without "\n"
+        if line_start < offset and pending:  # a last line without "\n"
             out.write(np.array([[line_start, lineno + 1]], np.int64).tobytes())
             n_rows += 1
     return {"rows": n_rows}

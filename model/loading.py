@@ -118,8 +118,8 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     own = model.state_dict()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and not _head_is_tied(state):
         raise ValueError(f"checkpoint {source} has an lm_head.weight of its own (untied embeddings), but this model "
-                         "ties its head to the embedding: build it with tie_word_embeddings=False (load_model reads "
-                         "this off the file)")
+                         "ties its head to the embedding. load_model (eval_llm.py, the server, convert_model.py) "
+                         "reads this off the file; in code, build the model with tie_word_embeddings=False")
     tied = getattr(model, "_tied_weights_keys", None) or {}
     for key, tied_to in tied.items():  # checkpoints may store the tied head or omit it
         if key not in state and tied_to in state:
@@ -331,8 +331,8 @@ def find_weights(
                      "elsewhere),")
     else:
         there = sorted(p.name for p in path.parent.glob("*.pth") if not p.stem.endswith("_resume"))
-        lines.append(f"'{stage}' is none of the stages the trainers name their files after ({', '.join(TRAIN_SCRIPTS)})"
-                     f"; checkpoints in {path.parent}: {', '.join(there) or 'none'}.")
+        lines.append(f"No training stage is called '{stage}' ({', '.join(TRAIN_SCRIPTS)}; other names come from "
+                     f"--save_weight). Checkpoints in {path.parent}: {', '.join(there) or 'none'}.")
     lines.append("Or put MiniMind's released .pth there (ModelScope gongjy/minimind-3-pytorch), or pass a path or a "
                  "transformers folder (eval_llm.py --load_from DIR).")
     raise FileNotFoundError("\n".join(lines))

@@ -198,7 +198,10 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         weights = {k[: -len(end)] + rename[end]: v for k, v in data.items() for end in rename if k.endswith(end)}
         rank = next(v.shape[0] for k, v in weights.items() if k.endswith(".lora_A"))
         targets = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in weights))
-        config = dict(rank=rank, alpha=float(rank), dropout=0.0, targets=targets)
+        # MiniMind adapts every layer, so its base has as many layers as the file's highest layer index + 1.
+        layers = 1 + max((int(m.group(1)) for t in targets if (m := re.match(r"model\.layers\.(\d+)\.", t))),
+                         default=-1)
+        config = dict(rank=rank, alpha=float(rank), dropout=0.0, targets=targets, num_hidden_layers=layers or None)
     else:
         raise ValueError(f"{path} is not a LoRA file (no lora_config, no *.lora.A.weight tensors); "
                          "a full checkpoint loads with model.loading.load_weights")
@@ -243,11 +246,9 @@ def _check_fits(model: nn.Module, config: dict[str, Any], weights: dict[str, tor
             if have != need:
                 problems.append(f"  {key}: file has {have}, model needs {need}")
     untouched = [name for name in existing if name not in config["targets"]]
-    # MiniMind adapts every layer, so a file's layer count is its highest layer index + 1 unless the file says it.
-    file_layers = config.get("num_hidden_layers") or 1 + max(
-        (int(m.group(1)) for t in config["targets"] if (m := re.match(r"model\.layers\.(\d+)\.", t))), default=-1)
+    file_layers = config.get("num_hidden_layers")  # None in files saved before it was recorded
     model_layers = getattr(getattr(model, "config", None), "num_hidden_layers", file_layers)
-    if file_layers != model_layers:
+    if file_layers is not None and file_layers != model_layers:
         problems.append(f"  the file adapts a {file_layers}-layer model; this one has {model_layers} layers")
     if not (problems or missing or untouched):
         return

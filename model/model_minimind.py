@@ -118,7 +118,7 @@ class MiniMindConfig(PretrainedConfig):
 
 # The fields that decide which weights a model has and how they compute (describe() names any a preset misses).
 SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "intermediate_size", "qk_norm", "tie_word_embeddings", "rms_norm_eps", "use_moe", "n_routed_experts",
+                "intermediate_size", "qk_norm", "tie_word_embeddings", "use_moe", "n_routed_experts",
                 "num_experts_per_tok", "n_shared_experts")
 
 PRESETS: dict[str, dict[str, Any]] = {

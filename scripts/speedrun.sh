@@ -15,14 +15,15 @@ for stage in pretrain full_sft lora dpo; do
     python "trainer/train_${stage}.py" $SHAPE "$@"
 done
 # The eval reads the checkpoints where the stages wrote them: pass it their --out_dir / --save_dir, if any.
-WHERE=()
-args=("$@")
-for i in "${!args[@]}"; do
-    case "${args[$i]}" in
-        --out_dir|--save_dir) WHERE=(--out_dir "${args[$((i + 1))]}") ;;
-        --out_dir=*|--save_dir=*) WHERE=(--out_dir "${args[$i]#*=}") ;;
-    esac
+# (Written for bash 3.2 too, macOS's: no empty-array expansion under set -u.)
+WHERE=""
+previous=""
+for arg in "$@"; do
+    case "$previous" in --out_dir|--save_dir) WHERE="$arg" ;; esac
+    case "$arg" in --out_dir=*|--save_dir=*) WHERE="${arg#*=}" ;; esac
+    previous="$arg"
 done
 echo "=== eval"
-python eval_llm.py --weight full_sft --mode auto --lora_weight None $SHAPE "${WHERE[@]}" --max_new_tokens 256 < /dev/null
-echo "Chat with it: python eval_llm.py --weight full_sft $SHAPE ${WHERE[*]}   (DPO: --weight dpo; LoRA: --lora_weight identity)"
+python eval_llm.py --weight full_sft --mode auto --lora_weight None $SHAPE ${WHERE:+--out_dir "$WHERE"} \
+    --max_new_tokens 256 < /dev/null
+echo "Chat with it: python eval_llm.py --weight full_sft $SHAPE ${WHERE:+--out_dir $WHERE}   (DPO: --weight dpo; LoRA: --lora_weight identity)"

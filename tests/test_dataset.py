@@ -176,10 +176,10 @@ def test_blank_lines_of_spaces_or_carriage_returns_are_not_rows(tok, tmp_path, m
     """A Windows-edited file (\\r\\n, blank lines "\\r\\n") and lines of spaces: every real row, right line numbers,
     also where a blank line straddles the boundary of two read chunks (a tiny chunk size puts one everywhere)."""
     good = json.dumps({"conversations": CHAT})
-    lines = [good, "   ", "\r", good, "", " \t \r", "   " + good, good, "  "]  # rows at lines 1, 4, 7 and 8
+    lines = [good, " " * 40, "\r", good, "", " \t \r", "   " + good, good, "  "]  # rows at lines 1, 4, 7 and 8
     path = tmp_path / "sft.jsonl"
     path.write_bytes("\r\n".join(lines).encode())
-    for chunk_size in (16 << 20, 3, 7):
+    for chunk_size in (16 << 20, 1, 3, 7):
         monkeypatch.setattr(lm, "INDEX_CHUNK_BYTES", chunk_size)
         ds = SFTDataset(path, tok, max_seq_len=512, cache_dir=tmp_path / f"cache{chunk_size}")
         assert np.fromfile(ds.files["lines"], np.int64).reshape(-1, 2)[:, 1].tolist() == [1, 4, 7, 8]

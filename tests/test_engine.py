@@ -197,22 +197,49 @@ def test_a_bare_cuda_device_gets_an_index(monkeypatch):
     assert rt.dtype == torch.bfloat16
 
 
-def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)  # it would read rows ahead
+def bad_row_at(read: int) -> type[TokenRows]:
+    """Rows whose ``read``-th read (counted in the process that reads them) raises a DataError."""
 
     class BadRowAt(TokenRows):
-        """Row reads are sequential (no workers on CPU): the 13th read is the first row of step 4."""
         reads = 0
 
         def __getitem__(self, i):
             BadRowAt.reads += 1
-            if BadRowAt.reads == 13:
+            if BadRowAt.reads == read:
                 raise DataError("data.jsonl:7: malformed JSON")
             return super().__getitem__(i)
 
-    with pytest.raises(DataError, match=r"jsonl:7: .*\nStopped \(saved step 3\).*--skip_bad_lines.*--from_resume 1"):
-        train(Stage("pretrain", lambda args, tok: BadRowAt()), tiny_args("--out_dir", str(tmp_path)))
+    return BadRowAt
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path, monkeypatch, workers):
+    """Reads are in order (a worker prefetches, but the batches arrive in order): read 13 is the first row of step 4.
+    From a worker the error comes wrapped in its traceback; the message keeps only the error."""
+    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)  # it would read rows ahead
+    rows = bad_row_at(13)
+    with pytest.raises(DataError) as err:
+        train(Stage("pretrain", lambda args, tok: rows()), tiny_args("--out_dir", str(tmp_path), "--num_workers", workers))
+    assert str(err.value).startswith("data.jsonl:7: malformed JSON\nStopped (saved step 3). Fix that line in place")
+    assert "--skip_bad_lines" in str(err.value) and "--from_resume 1" in str(err.value)
     assert resume_state(tmp_path)["step"] == 3
+
+
+def test_a_bad_first_row_of_a_new_run_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)
+    train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "2"))
+    before = (tmp_path / "pretrain_64.pth").read_bytes()
+    rows = bad_row_at(1)
+    with pytest.raises(DataError, match=r"Stopped \(nothing saved by this run\)"):
+        train(Stage("pretrain", lambda args, tok: rows()), tiny_args("--out_dir", str(tmp_path)))
+    assert (tmp_path / "pretrain_64.pth").read_bytes() == before and resume_state(tmp_path)["step"] == 2
+
+
+def test_batches_count_by_supervised_tokens_for_lm_loss_only():
+    batch = {"labels": torch.tensor([[5, 6, -100, 7], [-100, -100, 8, 9]])}  # shifted: 2 + 2 supervised positions
+    assert Stage("pretrain", token_rows).weight(batch) == 4.0
+    assert Stage("custom", token_rows, loss_fn=lambda model, batch: (torch.zeros(()), {})).weight(batch) == 1.0
+    assert Stage("custom", token_rows, loss_weight=lambda batch: 2.5).weight(batch) == 2.5
 
 
 def test_zero_intervals_mean_at_the_end_and_bad_sizes_are_clear(tmp_path, capsys):

@@ -97,7 +97,7 @@ def test_missing_checkpoint_names_file_and_training_command(tmp_path):
     assert f"Found {tmp_path / 'pretrain_64.pth'}: load it with --hidden_size 64" in str(exit.value.code)
     with pytest.raises(SystemExit) as exit:  # a typo: no training script to suggest, but what is there
         main(["--weight", "pretrian", "--out_dir", str(tmp_path)])
-    assert "'pretrian' is none of the stages" in str(exit.value.code) and "pretrain_64.pth" in str(exit.value.code)
+    assert "No training stage is called 'pretrian'" in str(exit.value.code) and "pretrain_64.pth" in str(exit.value.code)
 
 
 @needs_tokenizer

@@ -267,3 +267,13 @@ def test_counts_summary_and_paths(tiny):
     assert lora_path("identity", MiniMindConfig()) == REPO_ROOT / "out" / "lora" / "lora_identity_512.pth"
     assert lora_path("medical", MiniMindConfig.from_preset("minimind2-moe"), "runs").name == "lora_medical_640_moe.pth"
     assert lora_path("x", MiniMindConfig(), "runs").parent == REPO_ROOT / "runs" / "lora"
+
+
+def test_an_older_file_without_a_layer_count_still_loads(tiny, tmp_path):
+    """Files saved before num_hidden_layers was recorded: adapting layer 0 only says nothing about the base depth."""
+    _, model, _ = _base_and_lora(tiny(), rank=2, targets=["model.layers.0.self_attn.q_proj"])
+    path = save_lora(model, tmp_path / "old.pth")
+    data = torch.load(path, weights_only=True)
+    del data["lora_config"]["num_hidden_layers"]
+    torch.save(data, path)
+    assert load_lora(MiniMindForCausalLM(tiny()), path) == ["model.layers.0.self_attn.q_proj"]

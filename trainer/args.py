@@ -65,7 +65,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
 
     log = p.add_argument_group("progress and logging")
     log.add_argument("--log_interval", type=int, default=100,
-                     help="steps between progress updates and NaN checks (0: at saves only)")
+                     help="steps between progress updates, NaN checks and --time_budget checks (0: at saves only)")
     log.add_argument("--eval_interval", type=int, default=500, help="steps between held-out evals (0: end only)")
     log.add_argument("--eval_size", type=int, default=200, help="rows held out for eval (0: no eval)")
     log.add_argument("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")

@@ -70,12 +70,18 @@ class Stage:
     build_dataset: Callable[[Namespace, Any], Dataset]  # (args, tokenizer) -> items of 1-D LongTensors
     loss_fn: LossFn = lm_loss  # (model, batch) -> (loss, extra metrics); also used for the held-out eval
     # What loss_fn's mean is over, per batch: batches count by it, so that accumulation and DDP give the gradient
-    # of one big batch. None: every batch counts the same (DPO's loss is a mean over pairs).
-    loss_weight: Callable[[Batch], int] | None = supervised_tokens
+    # of one big batch. None: supervised tokens for lm_loss, else every batch the same (DPO: a mean over pairs).
+    loss_weight: Callable[[Batch], float] | None = None
     setup: Callable[[nn.Module, Namespace], None] | None = None  # after --from_weight, on the device: freeze, add LoRA
     weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
     save_weights: Callable[[nn.Module, Path], Any] = save_weights  # what goes into the weights file
     collate: Callable[[list[Batch]], Batch] = pad_collate
+
+    def weight(self, batch: Batch) -> float:
+        """How much ``batch`` counts in a mean over several batches (see ``loss_weight``), read on the host."""
+        if self.loss_weight is not None:
+            return float(self.loss_weight(batch))
+        return float(supervised_tokens(batch)) if self.loss_fn is lm_loss else 1.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -144,11 +150,6 @@ def all_ranks(rt: Runtime, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceO
     return value
 
 
-def batch_weights(stage: Stage, batches: list[Batch]) -> torch.Tensor:
-    """How much each batch counts in a mean over several (``Stage.loss_weight``), on the host."""
-    return torch.tensor([float(stage.loss_weight(b)) if stage.loss_weight else 1.0 for b in batches])
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt: Runtime) -> dict[str, float]:
     """Mean loss (and metrics) over the held-out rows, in order, on this rank; per token for LM stages."""
@@ -156,7 +157,7 @@ def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt:
     sums: dict[str, torch.Tensor] = {}
     total = 0.0
     for batch in DataLoader(data, batch_size=args.batch_size, collate_fn=stage.collate):
-        weight = batch_weights(stage, [batch]).item()
+        weight = stage.weight(batch)
         with rt.autocast():
             loss, metrics = stage.loss_fn(model, {k: v.to(rt.device) for k, v in batch.items()})
         for k, v in {"loss": loss, **metrics}.items():
@@ -189,10 +190,23 @@ def restore(state: dict[str, Any], resume_file: Path, raw: nn.Module, optimizer:
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     step = state["step"]
-    if state["global_batch"] != global_batch:
+    if (state["global_batch"], state.get("steps_per_epoch", steps_per_epoch)) != (global_batch, steps_per_epoch):
         step = rescaled_step(step, state["global_batch"], state.get("steps_per_epoch"), global_batch, steps_per_epoch)
         rt.print(f"[resume] global batch {state['global_batch']} -> {global_batch} rows: step {state['step']} -> {step}")
     return step, state["run_id"]
+
+
+def step_shares(weights: list[float], rt: Runtime) -> list[float | torch.Tensor]:
+    """Each micro-batch's share of the step's weight (its supervised tokens, on all ranks), times the world size
+    because DDP averages gradients over ranks. One process: host floats. DDP: one small all-reduce of the step's
+    total, copied to the device without a host sync (pinned memory on CUDA)."""
+    if not rt.ddp:
+        total = max(sum(weights), 1.0)
+        return [w / total for w in weights]
+    local = torch.tensor([sum(weights)])
+    local = local.pin_memory() if rt.device.type == "cuda" else local
+    total = all_ranks(rt, local.to(rt.device, non_blocking=True)).clamp(min=1)[0]
+    return [w * rt.world_size / total for w in weights]
 
 
 def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new_global_batch: int,
@@ -206,10 +220,8 @@ def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new
 
 def check_supervision(stage: Stage, data: Dataset, rt: Runtime, sample: int = 64) -> None:
     """Warn when sampled rows have no supervised token (a reply cut off by --max_seq_len): they train nothing."""
-    if stage.loss_weight is None or len(data) == 0:
-        return
     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:sample].tolist()
-    empty = sum(stage.loss_weight(stage.collate([data[i]])) == 0 for i in picks)
+    empty = sum(stage.weight(stage.collate([data[i]])) == 0 for i in picks)
     if empty:
         rt.print(f"[data] warning: {empty} of {len(picks)} sampled rows have no supervised token within --max_seq_len "
                  f"(the reply is cut off): they train nothing. Raise --max_seq_len, or shorten the prompts.")
@@ -229,7 +241,7 @@ class Window:
         self.first_bad = torch.tensor(float("inf"), device=self.rt.device)  # first step with a NaN/inf loss or grad
         self.started = time.time()
 
-    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], share: torch.Tensor,
+    def add_micro_batch(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], share: float | torch.Tensor,
                         tokens: int) -> None:
         """``share``: the micro-batch's weight in the step's mean, times the world size (read() divides by it)."""
         self.step_loss += loss.detach().float() * share  # the logged loss: mean over the whole step
@@ -238,7 +250,8 @@ class Window:
         self.tokens += tokens
 
     def end_step(self, step: int, grad_norm: torch.Tensor | None) -> None:
-        """``grad_norm``: None where a NaN/inf gradient is routine (fp16's GradScaler skips that step itself)."""
+        """``grad_norm``: None under fp16, where an inf gradient is routine (the GradScaler skips that step) and would
+        make the logged mean inf."""
         finite = torch.isfinite(self.step_loss)
         if grad_norm is not None:
             finite &= torch.isfinite(grad_norm)
@@ -331,17 +344,22 @@ def train(stage: Stage, args: Namespace) -> Result:
                         run_id=logger.run_id, args=vars(args))
         last_saved = step
 
-    def save_before_stopping() -> str:
-        """Save the steps since the last save, unless they went NaN; say how to go on. (DDP: the other ranks are
-        mid-step, so only a single process can save here.)"""
+    start_step = step
+
+    def stopped_by(bad_row: DataError) -> DataError:
+        """A bad row mid-run: save the steps this run made since its last save (unless they went NaN; under DDP the
+        other ranks are mid-step, so only a single process can), and say how to go on."""
         went_nan = window.first_bad.item() != float("inf")  # host sync: fine, the run is over
-        if rt.ddp or last_saved == step or went_nan:
-            where = f"step {last_saved}" if last_saved else "nothing saved yet"
+        if rt.ddp or step == start_step or last_saved == step or went_nan:
+            where = f"last saved: step {last_saved}" if last_saved else "nothing saved by this run"
         else:
             save()
             where = f"saved step {step}"
-        return (f"Stopped ({where}). Fix or delete that line, or add --skip_bad_lines, then continue with "
-                f"--from_resume 1.")
+        # A DataLoader worker's error arrives wrapped in its traceback: keep the message.
+        message = str(bad_row)
+        message = message.rsplit("DataError: ", 1)[-1].strip() if "Original Traceback" in message else message
+        return DataError(f"{message}\nStopped ({where}). Fix that line in place (deleting it would reshuffle the "
+                         f"rows), or add --skip_bad_lines, then continue with --from_resume 1.")
 
     with tqdm(total=total, initial=step, disable=not rt.is_main, dynamic_ncols=True) as bar:
         while step < total:
@@ -350,14 +368,11 @@ def train(stage: Stage, args: Namespace) -> Result:
                 group["lr"] = lr
             try:
                 micro_batches = list(next(batches))
-            except DataError as e:  # a bad row mid-epoch: keep the steps done so far, then stop
-                raise DataError(f"{e}\n{save_before_stopping()}") from None
-            # Each micro-batch counts by its share of the step's tokens (supervised ones, on all ranks): then k
-            # micro-batches, or N GPUs, give one big batch's gradient even when rows hold different numbers of
-            # supervised tokens. DDP averages gradients over ranks, hence the world size.
-            weights = batch_weights(stage, micro_batches)
-            step_total = all_ranks(rt, weights.sum().to(rt.device)).clamp(min=1)
-            shares = (weights * rt.world_size).to(rt.device) / step_total
+            except DataError as e:
+                raise stopped_by(e) from None
+            # Each micro-batch counts by its share of the step's supervised tokens: k micro-batches, or N GPUs, then
+            # give one big batch's gradient even when rows hold different numbers of them.
+            shares = step_shares([stage.weight(b) for b in micro_batches], rt)
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
                 last = i == args.accumulation_steps - 1
@@ -396,12 +411,16 @@ def train(stage: Stage, args: Namespace) -> Result:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token(config, args.max_seq_len) / (peak * 1e12)
             if eval_set is not None and rt.is_main and (step == total or out_of_time.item() or
                                                         (args.eval_interval and step % args.eval_interval == 0)):
-                record.update(evaluate(raw, stage, eval_set, args, rt))
+                try:
+                    record.update(evaluate(raw, stage, eval_set, args, rt))
+                except DataError as e:  # a bad held-out row: the steps since the last save are good
+                    raise stopped_by(e) from None
             history.append(record)
             logger.log(record, step)
             bar.set_postfix_str(progress_text(record))
             if save_due:
                 save()
+            window.started = time.time()  # the next window's speed leaves out this eval and save
             if out_of_time.item():
                 break
     if step < total:  # after the bar has closed, so the line stands on its own
@@ -430,14 +449,14 @@ def progress_text(record: dict[str, float]) -> str:
 
 
 def run(stage: Stage, args: Namespace) -> None:
-    """A stage script's whole main: train, then leave DDP cleanly. A diverged run, bad data, a missing file or a
-    checkpoint that does not fit exits 1 with its message alone (they say what to do; a traceback would bury it)."""
+    """A stage script's whole main: train, then leave DDP cleanly. A diverged run, bad data or a missing file exits 1
+    with its message alone (it says what to do; a traceback would bury it)."""
     try:
         train(stage, args)
     except TrainingDiverged as e:
         print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
         shutdown(1)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError) as e:
         print(f"\nerror: {e}", file=sys.stderr, flush=True)
         shutdown(1)
     shutdown(0)

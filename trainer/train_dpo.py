@@ -100,7 +100,7 @@ class DPOLoss:
 
 def dpo_stage(args: Namespace) -> Stage:
     dpo = DPOLoss(args.beta, args.dpo_length_norm)
-    return Stage("dpo", dpo_data, loss_fn=dpo, setup=dpo.setup, collate=pair_collate, loss_weight=None)
+    return Stage("dpo", dpo_data, loss_fn=dpo, setup=dpo.setup, collate=pair_collate)
 
 
 def parse(argv: list[str] | None = None) -> Namespace:

@@ -31,10 +31,11 @@ ALIASES = {"唐诗": "Tang shi", "宋词": "Song ci", "论语": "Analects", "诗
 
 
 def resolve_out_dir(path: str | os.PathLike) -> Path:
-    """The checkpoint folder, a relative path counting from the repo root (as ``model.loading.out_dir`` does).
-    Kept here so the notebooks that need no model (01, 04) start without importing torch and transformers."""
+    """The checkpoint folder as ``model.loading.out_dir`` finds it: a relative path in the current directory if it
+    is there, else in the repo root. Kept here so the notebooks that need no model (01, 04) start without importing
+    torch and transformers."""
     path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    return path.resolve() if path.is_absolute() or path.exists() else REPO_ROOT / path
 
 
 def load_poetry(path: str | os.PathLike = POETRY_CSV) -> pd.DataFrame:
