@@ -277,6 +277,29 @@ def test_resume_notes_changed_settings_and_refuses_other_lora_shapes(tmp_path, c
         train(lora(4), tiny_args(*flags, "--max_steps", "4", "--from_resume", "1"))
 
 
+def test_a_new_global_batch_resumes_at_the_same_row_end_to_end(tmp_path, monkeypatch):
+    """44 rows, batch 8: 5 steps an epoch (4 rows dropped). Saved at step 7 = epoch 1 after 16 of its rows; resumed
+    with batch 4 the run must go on with rows 16-19 of epoch 1's order."""
+    from torch.utils.data import DistributedSampler
+
+    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)
+    reads = []
+
+    class Recorded(TokenRows):
+        def __getitem__(self, i):
+            reads.append(i)
+            return super().__getitem__(i)
+
+    rows = lambda args, tok: Recorded(n=44)  # noqa: E731
+    flags = ("--out_dir", str(tmp_path), "--epochs", "3", "--save_interval", "7")
+    train(Stage("pretrain", rows), tiny_args(*flags, "--batch_size", "8", "--max_steps", "7"))
+    reads.clear()
+    train(Stage("pretrain", rows), tiny_args(*flags, "--batch_size", "4", "--max_steps", "16", "--from_resume", "1"))
+    epoch_1 = DistributedSampler(Recorded(n=44), num_replicas=1, rank=0, seed=42)
+    epoch_1.set_epoch(1)
+    assert reads[:4] == list(epoch_1)[16:20]
+
+
 @pytest.mark.parametrize("saved, new", [((7, 8, 5), (4, 11)), ((3, 8, 5), (16, 2)), ((7, 8, None), (4, 11))])
 def test_a_new_global_batch_resumes_at_the_same_epoch_and_row(saved, new):
     """44 rows: batch 8 makes 5 steps an epoch (4 rows dropped), batch 4 makes 11, batch 16 makes 2."""
