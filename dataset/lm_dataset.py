@@ -63,6 +63,11 @@ KNOWN_FILES = {
 }
 
 
+def json_problem(e: ValueError) -> str:
+    """A JSON or encoding error without the parser's "line 2" (the row's newline), which would contradict file:line."""
+    return f"{e.msg} at character {e.pos + 1} of the line" if isinstance(e, json.JSONDecodeError) else str(e)
+
+
 class DataError(ValueError):
     """A data row that cannot be used; the message names the file and the 1-based line number."""
 
@@ -246,7 +251,7 @@ def _document(raw: bytes, where: str) -> str:
     try:
         row = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: malformed JSON ({e})") from None
+        raise DataError(f"{where}: malformed JSON ({json_problem(e)})") from None
     if not isinstance(row, dict) or "text" not in row:
         raise DataError(f"{where}: expected an object with a 'text' key, got {_preview(row)}")
     text = row["text"]
@@ -485,7 +490,7 @@ class _ChatRows(Dataset):
         try:
             return json.loads(self._file.readline()), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: malformed JSON ({e})") from None
+            raise DataError(f"{where}: malformed JSON ({json_problem(e)})") from None
 
     def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
         """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""

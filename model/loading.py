@@ -26,6 +26,10 @@ OUT_DIR = REPO_ROOT / "out"
 TOKENIZER_DIR = REPO_ROOT / "model"
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint that does not fit the model it is loaded into; the message says what the file needs."""
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """A user-given path: absolute as is; relative to the current directory if it exists there, else to the repo
     root. So ``out/pretrain_512.pth`` means the same file whether a script runs from the repo root or from trainer/."""
@@ -117,7 +121,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     """``load_weights`` for tensors already in memory (e.g. read from a transformers folder); ``source`` names them."""
     own = model.state_dict()
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and not _head_is_tied(state):
-        raise ValueError(f"checkpoint {source} has an lm_head.weight of its own (untied embeddings), but this model "
+        raise CheckpointMismatch(f"checkpoint {source} has an lm_head.weight of its own (untied embeddings), but this model "
                          "ties its head to the embedding. load_model (eval_llm.py, the server, convert_model.py) "
                          "reads this off the file; in code, build the model with tie_word_embeddings=False")
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -137,7 +141,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
         lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
         lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
         lines.append(f"The file needs: {infer_config_hint(state, source)}")
-        raise ValueError("\n".join(lines))
+        raise CheckpointMismatch("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -221,7 +225,7 @@ def check_device(device: str | torch.device) -> str:
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, NotImplementedError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"device {str(device)!r} is not usable here ({reason}); this machine has {best_device()!r}") \
             from None
     return str(device)
@@ -327,8 +331,8 @@ def find_weights(
         lines.append(f"Found {other}: load it with --hidden_size {hidden} --use_moe {int(bool(moe))}")
     flags = f"--hidden_size {shape['hidden_size']} --use_moe {int(bool(shape.get('use_moe')))}"
     if stage in TRAIN_SCRIPTS:
-        lines.append(f"Make it with: python trainer/{TRAIN_SCRIPTS[stage]} {flags} (add --out_dir if you train "
-                     "elsewhere),")
+        where = f" --out_dir {directory}" if directory else " (add --out_dir if you train elsewhere)"
+        lines.append(f"Make it with: python trainer/{TRAIN_SCRIPTS[stage]} {flags}{where},")
     else:
         there = sorted(p.name for p in path.parent.glob("*.pth") if not p.stem.endswith("_resume"))
         lines.append(f"No training stage is called '{stage}' ({', '.join(TRAIN_SCRIPTS)}; other names come from "

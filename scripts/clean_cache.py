@@ -26,11 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     folders = [Path(f) for f in args.cache_dir] if args.cache_dir else \
         sorted(DATA_DIR.rglob(".cache")) + [USER_CACHE_DIR] * USER_CACHE_DIR.is_dir()
-    freed, stale_seen = 0, False
+    freed, stale_seen, listed = 0, False, 0
     for folder in folders:
         stale = dict(stale_caches(folder))
         stale_seen |= bool(stale)
-        for meta_file in sorted(folder.glob("*.meta.json")):
+        meta_files = sorted(folder.glob("*.meta.json"))
+        if meta_files:
+            print(f"{folder}:")
+        listed += len(meta_files)
+        for meta_file in meta_files:
             files = cache_files(meta_file)
             size = sum(f.stat().st_size for f in files if f.is_file())
             why = stale.get(meta_file)
@@ -43,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
                     freed += size
                 except OSError as e:  # e.g. Windows, a file still open elsewhere
                     print(f"      could not delete {e.filename}: {e.strerror}; the rest stays listed")
+    if not listed:
+        print(f"no caches in {', '.join(map(str, folders)) or DATA_DIR}")
     if args.delete:
         print(f"freed {freed / 2**20:.1f} MiB")
     elif stale_seen:

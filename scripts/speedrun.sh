@@ -26,4 +26,4 @@ done
 echo "=== eval"
 python eval_llm.py --weight full_sft --mode auto --lora_weight None $SHAPE ${WHERE:+--out_dir "$WHERE"} \
     --max_new_tokens 256 < /dev/null
-echo "Chat with it: python eval_llm.py --weight full_sft $SHAPE ${WHERE:+--out_dir $WHERE}   (DPO: --weight dpo; LoRA: --lora_weight identity)"
+echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; LoRA: --lora_weight identity)"

@@ -13,7 +13,7 @@ import torch
 
 import dataset.lm_dataset as lm
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import REPO_ROOT, load_weights
+from model.loading import REPO_ROOT, load_weights, save_weights
 from trainer import build_parser, parse_args
 from trainer.train_full_sft import sft_file
 
@@ -151,7 +151,14 @@ def test_lora_name_without_its_data_file_is_a_usage_error(tmp_path, monkeypatch,
     assert parse(["--device", "cpu", "--lora_name", "medical"]).data_path == str(medical)
 
 
-def test_a_missing_start_checkpoint_is_one_line_not_a_traceback(tmp_path):
+def test_a_missing_or_misfit_start_checkpoint_is_one_line_not_a_traceback(tmp_path):
     result = run_script("train_full_sft.py", *TINY, "--out_dir", str(tmp_path))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: --from_weight pretrain: no checkpoint at {tmp_path / 'pretrain_64.pth'}" in result.stderr
+    assert f"python trainer/train_pretrain.py --hidden_size 64 --num_hidden_layers 2 --use_moe 0 --out_dir {tmp_path}" \
+        in result.stderr  # the command writes where this run looks
+    other = tmp_path / "wider.pth"
+    save_weights(MiniMindForCausalLM(MiniMindConfig(hidden_size=96, num_hidden_layers=2)), other)
+    result = run_script("train_full_sft.py", *TINY, "--out_dir", str(tmp_path), "--from_weight", str(other))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: checkpoint {other} does not fit this model" in result.stderr

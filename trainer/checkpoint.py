@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from model import MiniMindConfig
-from model.loading import atomic_save
+from model.loading import CheckpointMismatch, atomic_save
 
 
 def resume_path(weights_path: Path) -> Path:
@@ -57,6 +57,6 @@ def load_resume(path: Path, stage: str, config: MiniMindConfig) -> dict[str, Any
     state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no pickled code
     if state["stage"] != stage or state["shape"] != shape_of(config):
         held = MiniMindConfig(**state["shape"]).describe()
-        raise ValueError(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a '{stage}' run "
+        raise CheckpointMismatch(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a '{stage}' run "
                          f"of {config.describe()}. Pass the flags that match the file, or drop --from_resume.")
     return state

@@ -34,8 +34,8 @@ from tqdm import tqdm
 from dataset import DataError, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.loading import (checkpoint_path, load_state_dict_into, load_tokenizer, load_weights, out_dir, resolve_path,
-                           save_transformers, save_weights)
+from model.loading import (CheckpointMismatch, checkpoint_path, load_state_dict_into, load_tokenizer, load_weights,
+                           out_dir, resolve_path, save_transformers, save_weights)
 from trainer.args import model_config
 from trainer.checkpoint import load_resume, resume_path, save_resume, set_rng_state, shape_of
 from trainer.logger import make_logger
@@ -116,7 +116,8 @@ def load_start_weights(model: nn.Module, from_weight: str, args: Namespace) -> N
     path = resolve_path(from_weight) if is_path else checkpoint_path(from_weight, model.config, args.out_dir)
     if not path.is_file():
         shape = model.config.describe().split(" (")[0]
-        make = "" if is_path else f" It is written by: python trainer/train_{from_weight}.py {shape}."
+        where = f" --out_dir {args.out_dir}" if args.out_dir else ""
+        make = "" if is_path else f" It is written by: python trainer/train_{from_weight}.py {shape}{where}."
         raise FileNotFoundError(f"--from_weight {from_weight}: no checkpoint at {path}.{make} "
                                 f"Or start from random weights with --from_weight none.")
     load_weights(model, path)
@@ -449,14 +450,14 @@ def progress_text(record: dict[str, float]) -> str:
 
 
 def run(stage: Stage, args: Namespace) -> None:
-    """A stage script's whole main: train, then leave DDP cleanly. A diverged run, bad data or a missing file exits 1
-    with its message alone (it says what to do; a traceback would bury it)."""
+    """A stage script's whole main: train, then leave DDP cleanly. A diverged run, bad data, a missing file or a
+    checkpoint that does not fit exits 1 with its message alone (it says what to do; a traceback would bury it)."""
     try:
         train(stage, args)
     except TrainingDiverged as e:
         print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
         shutdown(1)
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, CheckpointMismatch) as e:
         print(f"\nerror: {e}", file=sys.stderr, flush=True)
         shutdown(1)
     shutdown(0)

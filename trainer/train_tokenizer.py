@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dataset.lm_dataset import DataError
+from dataset.lm_dataset import DataError, json_problem
 from dataset.sources import chatterbot_dialogues, fetch_sources
 from model.loading import resolve_path
 
@@ -173,7 +173,7 @@ def _text(line: bytes, where: str) -> str:
     try:
         row = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: malformed JSON ({e})") from None
+        raise DataError(f"{where}: malformed JSON ({json_problem(e)})") from None
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         preview = line.decode(errors="replace").strip()[:80]
         raise DataError(f"{where}: expected an object with a string 'text', got {preview}")
