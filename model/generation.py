@@ -130,6 +130,8 @@ class ReplyStream:
             self.text = "".join(pieces)
 
     def _generate(self, **kwargs: Any) -> torch.Tensor:
+        if self.config.stop_strings:  # transformers matches stop strings on tokens, with the tokenizer's help
+            kwargs["tokenizer"] = self.tokenizer
         with torch.inference_mode():
             return self.model.generate(
                 self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=self.config,

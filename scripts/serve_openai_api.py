@@ -258,6 +258,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
                                 f"context of {context} tokens", "messages", "context_length_exceeded")
         temperature = 0.85 if req.temperature is None else req.temperature
         config = generation_config(tokenizer, budget, temperature, 0.85 if req.top_p is None else req.top_p)
+        config.stop_strings = req.stop or None  # generation ends at a stop string; ReplyText cuts the text before it
         reply_id, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model_name
 
         def start() -> tuple[ReplyStream, ReplyText]:
