@@ -63,7 +63,7 @@ KNOWN_FILES = {
 }
 
 
-def json_problem(e: ValueError) -> str:
+def _json_problem(e: ValueError) -> str:
     """A JSON or encoding error without the parser's "line 2" (the row's newline), which would contradict file:line."""
     return f"{e.msg} at character {e.pos + 1} of the line" if isinstance(e, json.JSONDecodeError) else str(e)
 
@@ -247,16 +247,15 @@ def _line_index(tmp: dict[str, Path], source: Path) -> dict:
 # pretraining
 
 
-def _document(raw: bytes, where: str) -> str:
+def read_document(raw: bytes, where: str) -> str:
+    """The text of one pretraining row ``{"text": ...}`` (``where``: its file:line, for the error)."""
     try:
         row = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: malformed JSON ({json_problem(e)})") from None
-    if not isinstance(row, dict) or "text" not in row:
-        raise DataError(f"{where}: expected an object with a 'text' key, got {_preview(row)}")
-    text = row["text"]
+        raise DataError(f"{where}: malformed JSON ({_json_problem(e)})") from None
+    text = row.get("text") if isinstance(row, dict) else None
     if not isinstance(text, str):
-        raise DataError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        raise DataError(f"{where}: expected an object with a string 'text', got {_preview(row)}")
     if not text.strip():
         raise DataError(f"{where}: empty 'text'")
     return text
@@ -326,7 +325,7 @@ class PretrainDataset(Dataset):
                 if not raw.strip():
                     continue
                 try:
-                    texts.append(_document(raw, f"{self.path}:{lineno}"))
+                    texts.append(read_document(raw, f"{self.path}:{lineno}"))
                 except DataError as e:
                     if not skip_bad_lines:
                         raise
@@ -490,7 +489,7 @@ class _ChatRows(Dataset):
         try:
             return json.loads(self._file.readline()), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: malformed JSON ({json_problem(e)})") from None
+            raise DataError(f"{where}: malformed JSON ({_json_problem(e)})") from None
 
     def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
         """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""

@@ -51,9 +51,10 @@ def generation_config(
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
-    """ChatML text for ``messages`` ending with an open assistant turn (``<|im_start|>assistant\\n``)."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
+    """ChatML text for ``messages`` (and the ``tools`` they may call) ending with an open assistant turn
+    (``<|im_start|>assistant\\n``)."""
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
 
 def fit_history(tokenizer: Any, messages: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:

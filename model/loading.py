@@ -13,8 +13,9 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -52,12 +53,17 @@ def checkpoint_path(stage: str, config: MiniMindConfig, directory: str | os.Path
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temp file beside ``path``, then rename: a crash mid-write never leaves a broken file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` into a temp file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint should read like any other file
@@ -75,7 +81,7 @@ def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()}
     config = getattr(model, "config", None)
     if isinstance(config, MiniMindConfig):
-        atomic_write_text(config.to_json_string(use_diff=False), config_path(path))
+        atomic_write(config_path(path), lambda f: f.write(config.to_json_string(use_diff=False).encode()))
     atomic_save(state, path)
     return Path(path)
 
@@ -83,14 +89,6 @@ def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
 def config_path(weights: str | os.PathLike) -> Path:
     """The config file that ``save_weights`` writes beside a weights file."""
     return Path(weights).with_suffix(".json")
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -136,8 +134,7 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
     unexpected = [k for k in state if k not in own]
     if problems or missing or unexpected:
         lines = [f"checkpoint {source} does not fit this model ({describe_model(model)})."]
-        lines += ["Shape mismatches:", *problems[:8]] if problems else []
-        lines += [f"  ... (+{len(problems) - 8} more)"] if len(problems) > 8 else []
+        lines += ["Shape mismatches:", *short_lines(problems)] if problems else []
         lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
         lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
         lines.append(f"The file needs: {infer_config_hint(state, source)}")
@@ -148,6 +145,11 @@ def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], sourc
 
 def short_list(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def short_lines(lines: list[str], limit: int = 8) -> list[str]:
+    """The first ``limit`` lines of a message, and how many more there are."""
+    return lines[:limit] + ([f"  ... (+{len(lines) - limit} more)"] if len(lines) > limit else [])
 
 
 def describe_model(model: nn.Module) -> str:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.loading import atomic_save, describe_model, out_dir, resolve_path, short_list
+from model.loading import atomic_save, describe_model, out_dir, resolve_path, short_lines, short_list
 from model.model_minimind import MiniMindConfig
 
 # Llama-layout projections. "gate_proj" matches MoE experts' gate_proj but not the router, which is named "gate".
@@ -253,8 +253,7 @@ def _check_fits(model: nn.Module, config: dict[str, Any], weights: dict[str, tor
     if not (problems or missing or untouched):
         return
     lines = [f"LoRA file {path} does not fit this model ({describe_model(model)})."]
-    lines += ["Shape mismatches:", *problems[:8]] if problems else []
-    lines += [f"  ... (+{len(problems) - 8} more)"] if len(problems) > 8 else []
+    lines += ["Shape mismatches:", *short_lines(problems)] if problems else []
     lines += [f"Layers the file adapts that this model lacks (or has no LoRA on): {short_list(missing)}"] if missing else []
     lines += [f"LoRA layers of the model the file has no tensors for: {short_list(untouched)}"] if untouched else []
     hidden = config.get("hidden_size") or _hidden_size_of(weights)

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset.lm_dataset import KNOWN_FILES
+from dataset.lm_dataset import DATA_DIR, KNOWN_FILES
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "dataset"
 DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
 CHUNK = 1 << 20
 

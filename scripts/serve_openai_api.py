@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from model.generation import ReplyStream, generation_config
+from model.generation import ReplyStream, chat_prompt, generation_config
 from model.loading import add_model_args, model_from_args
 
 
@@ -246,8 +246,7 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
         req = parse_request(await read_body(request, max_body_bytes))
         if req.n not in (None, 1):
             raise ApiError(400, "only n=1 is supported", "n")
-        prompt = tokenizer.apply_chat_template([m.for_template() for m in req.messages], tools=req.tools or None,
-                                               tokenize=False, add_generation_prompt=True)
+        prompt = chat_prompt(tokenizer, [m.for_template() for m in req.messages], req.tools or None)
         requested = req.max_completion_tokens or req.max_tokens
         if requested and requested > max_tokens:
             raise ApiError(400, f"max_tokens is {requested}, this server allows at most {max_tokens}", "max_tokens")

@@ -66,7 +66,7 @@ def dpo_file(args: Namespace) -> Path:
 
 
 def dpo_data(args: Namespace, tokenizer) -> DPODataset:
-    return DPODataset(dpo_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+    return DPODataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
                       cache_dir=args.cache_dir)
 
 

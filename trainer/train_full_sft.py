@@ -16,7 +16,7 @@ def sft_file(args: Namespace) -> Path:
 
 
 def sft_data(args: Namespace, tokenizer) -> SFTDataset:
-    return SFTDataset(sft_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+    return SFTDataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
                       cache_dir=args.cache_dir)
 
 

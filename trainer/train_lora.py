@@ -37,7 +37,7 @@ def lora_file(args: Namespace) -> Path:
 
 
 def lora_data(args: Namespace, tokenizer) -> SFTDataset:
-    return SFTDataset(lora_file(args), tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+    return SFTDataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
                       cache_dir=args.cache_dir)
 
 

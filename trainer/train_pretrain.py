@@ -17,7 +17,7 @@ def pretrain_file(args: Namespace) -> Path:
 
 
 def pretrain_data(args: Namespace, tokenizer) -> PretrainDataset:
-    return PretrainDataset(pretrain_file(args), tokenizer, args.max_seq_len, mode="pad" if args.pad else "pack",
+    return PretrainDataset(args.data_path, tokenizer, args.max_seq_len, mode="pad" if args.pad else "pack",
                            skip_bad_lines=args.skip_bad_lines, doc_mask=args.doc_mask, cache_dir=args.cache_dir)
 
 

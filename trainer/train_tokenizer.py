@@ -44,7 +44,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dataset.lm_dataset import DataError, json_problem
+from dataset.lm_dataset import DataError, read_document
 from dataset.sources import chatterbot_dialogues, fetch_sources
 from model.loading import resolve_path
 
@@ -162,22 +162,11 @@ def default_corpus(sources: dict[str, Path]) -> Iterator[str]:
 def jsonl_corpus(path: Path) -> Iterator[str]:
     """The `text` field of every line of a jsonl file (MiniMind's pretrain format), read lazily.
 
-    A line that is not a JSON object with a string "text" raises DataError naming `path:line`."""
+    A line that is not a JSON object with a non-empty string "text" raises DataError naming `path:line`."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                yield _text(line, f"{path}:{lineno}")
-
-
-def _text(line: bytes, where: str) -> str:
-    try:
-        row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: malformed JSON ({json_problem(e)})") from None
-    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-        preview = line.decode(errors="replace").strip()[:80]
-        raise DataError(f"{where}: expected an object with a string 'text', got {preview}")
-    return row["text"]
+                yield read_document(line, f"{path}:{lineno}")
 
 
 def train(texts: Iterator[str], vocab_size: int) -> Tokenizer:
