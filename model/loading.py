@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import re
@@ -112,7 +113,33 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     A file of another shape fails with one message naming each mismatched parameter, both shapes, and the config
     the file needs, never a silent ``strict=False``. Tied ``lm_head.weight`` may be absent from the file.
     """
-    return load_state_dict_into(model, read_state_dict(path), path)
+    load_state_dict_into(model, read_state_dict(path), path)
+    check_vocabulary(trained_vocabulary(path), getattr(model.config, "tokenizer_vocab", None), path,
+                     "the trainers read the tokenizer in model/: train with the one the file was made with")
+    return model
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the tokenizer's token -> id map. Embedding row i means token i only under the vocabulary a
+    model was trained with, so the trainers record this (``config.tokenizer_vocab``) and loading checks it."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def trained_vocabulary(weights: str | os.PathLike) -> str | None:
+    """The vocabulary recorded in the config beside a weights file (None: not recorded, e.g. MiniMind's files)."""
+    try:
+        return json.loads(config_path(resolve_path(weights)).read_text()).get("tokenizer_vocab")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_vocabulary(trained: str | None, given: str | None, source: str | os.PathLike, fix: str) -> None:
+    """Refuse weights trained under another vocabulary than the tokenizer in use (its ids would mean other
+    tokens: fluent-looking gibberish). Either side unknown: nothing to check."""
+    if trained and given and trained != given:
+        raise CheckpointMismatch(f"{source} was trained with another tokenizer (vocabulary {trained}; this one is "
+                                 f"{given}); {fix}")
 
 
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> nn.Module:
@@ -196,7 +223,7 @@ def infer_config_hint(state: dict[str, torch.Tensor], source: str | os.PathLike 
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):
-    """The shipped tokenizer (``model/``) or another folder, e.g. MiniMind's own (same special ids 0/1/2)."""
+    """The shipped tokenizer (``model/``) or another folder, e.g. MiniMind's own (needed for MiniMind's weights)."""
     from transformers import AutoTokenizer
 
     folder = resolve_path(path) if path else TOKENIZER_DIR
@@ -272,7 +299,8 @@ def load_model(
     stderr. Fields the tensors cannot tell (RMSNorm eps, MoE top-k) come from ``preset`` or from the preset of the
     same shape. ``lora``: a LoRA name (``out/lora/lora_<name>_<suffix>.pth``) or path, merged into the weights (same
     outputs as the unmerged adapter, no extra cost per token). ``tokenizer``: a folder (default: the folder's own,
-    else ours in ``model/``; MiniMind's official weights work with either, the special ids are the same).
+    else ours in ``model/``); MiniMind's released weights need MiniMind's (same special ids, other vocabulary). A
+    file whose config records another vocabulary than the tokenizer's is refused.
     ``rope_scaling``: e.g. ``YARN_16X`` to extend the context at inference (MiniMind's --inference_rope_scaling).
     """
     from model.generation import stop_token_ids
@@ -294,9 +322,14 @@ def load_model(
     if tokenizer is None and source.is_dir() and (source / "tokenizer_config.json").is_file():
         tokenizer = source
     tok = load_tokenizer(tokenizer)
+    check_vocabulary(config.tokenizer_vocab, vocab_fingerprint(tok), source,
+                     "pass --tokenizer with the folder it was trained with")
+    if tokenizer is None and config.tokenizer_vocab is None:
+        print(f"note: {source} does not record its tokenizer; using the one in model/. MiniMind's released weights "
+              f"need MiniMind's (--tokenizer path/to/minimind/model), or the replies are gibberish", file=sys.stderr)
     device = check_device(device or best_device())
     model = model.to(device=device, dtype=inference_dtype(device, dtype)).eval()
-    # Saved with the model by save_pretrained, so exported folders stop at <|im_end|> too (no endless generation).
+    # So a bare model.generate() (a notebook's) stops at <|im_end|> too, instead of running to max_length.
     model.generation_config.eos_token_id = stop_token_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -492,9 +525,9 @@ def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLik
     as our own class (``model_type: minimind``): it loads where this repo is installed, or with
     ``trust_remote_code=True`` anywhere (``model_minimind.py`` is copied beside it and named in ``auto_map``).
     """
-    from transformers import GenerationConfig, LlamaForCausalLM, Qwen3ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
-    from model.generation import stop_token_ids
+    from model.generation import generation_config
 
     model = getattr(model, "module", model)
     if any(name.endswith((".lora_A", ".lora_B")) for name in model.state_dict()):
@@ -513,8 +546,7 @@ def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLik
         out.load_state_dict({k: v.to("cpu") for k, v in model.state_dict().items()}, strict=True)
         out = out.to(dtype)
     # eos [<|im_end|>, <|endoftext|>]: without it, generate() runs to max_length (MiniMind users' "endless" replies).
-    out.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=stop_token_ids(tokenizer), pad_token_id=0,
-                                             do_sample=True, temperature=0.85, top_p=0.85, max_new_tokens=512)
+    out.generation_config = generation_config(tokenizer)
     out.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     _portable_tokenizer_config(folder / "tokenizer_config.json")

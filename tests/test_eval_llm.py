@@ -1,5 +1,6 @@
 """eval_llm.py and the loader behind it: piped prompts through the real CLI, streaming == generate, clear errors."""
 
+import json
 import os
 import runpy
 import subprocess
@@ -11,7 +12,8 @@ import torch
 from model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.generation import ReplyStream, chat_prompt, generation_config
 from model.loading import (
-    REPO_ROOT, TOKENIZER_DIR, config_for_state_dict, load_model, load_tokenizer, load_weights, save_weights,
+    REPO_ROOT, TOKENIZER_DIR, CheckpointMismatch, config_for_state_dict, load_model, load_tokenizer, load_weights,
+    save_weights, vocab_fingerprint,
 )
 
 # 8 heads: without q/k-norm a file cannot tell its head count, and the loader assumes MiniMind's 8.
@@ -182,6 +184,34 @@ def test_the_config_saved_beside_the_weights_gives_what_tensors_cannot(tmp_path,
     (tmp_path / "full_sft_64_moe.json").write_text(MiniMindConfig(**SHAPE).to_json_string())
     model, _ = load_model(path, device="cpu")
     assert model.config.num_experts_per_tok == 2 and "describes another shape" in capsys.readouterr().err
+
+
+@needs_tokenizer
+def test_weights_refuse_a_tokenizer_of_another_vocabulary(tmp_path, capsys):
+    """Every vocabulary here has 6,400 tokens, so only the recorded fingerprint can tell them apart."""
+    ours = vocab_fingerprint(load_tokenizer())
+    tiny_checkpoint(tmp_path, tokenizer_vocab=ours)
+    other = tmp_path / "other_tokenizer"  # ours with two tokens' ids swapped
+    other.mkdir()
+    spec = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (other / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (other / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    assert vocab_fingerprint(load_tokenizer(other)) != ours
+
+    load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")  # the tokenizer it was trained with
+    assert capsys.readouterr().err == ""
+    with pytest.raises(CheckpointMismatch, match="trained with another tokenizer.*pass --tokenizer"):
+        load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu", tokenizer=other)
+    with pytest.raises(CheckpointMismatch, match="trained with another tokenizer"):  # a trainer's --from_weight
+        load_weights(MiniMindForCausalLM(MiniMindConfig(**SHAPE, tokenizer_vocab="0" * 16)),
+                     tmp_path / "full_sft_64.pth")
+
+    # A file that records no vocabulary (MiniMind's releases) loads, with a note that it may need MiniMind's.
+    (tmp_path / "full_sft_64.json").unlink()
+    load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")
+    assert "--tokenizer path/to/minimind/model" in capsys.readouterr().err
 
 
 def test_a_checkpoint_of_another_shape_names_the_flags_it_needs(tmp_path):

@@ -38,7 +38,7 @@ def tok():
 def work(tmp_path_factory, tok) -> Path:
     """A tiny random 'full_sft' checkpoint in out/, an SFT file (24 rows) and a DPO file (24 pairs)."""
     root = tmp_path_factory.mktemp("stages")
-    config = model_config(Namespace(preset=None, hidden_size=64, num_hidden_layers=2, use_moe=None), len(tok))
+    config = model_config(Namespace(preset=None, hidden_size=64, num_hidden_layers=2, use_moe=None), tok)
     torch.manual_seed(0)
     save_weights(MiniMindForCausalLM(config), root / "out" / "full_sft_64.pth")
     user = lambda i: {"role": "user", "content": f"Who are you? ({i})"}  # noqa: E731

@@ -13,7 +13,7 @@ import torch
 
 import dataset.lm_dataset as lm
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import REPO_ROOT, load_weights, save_weights
+from model.loading import REPO_ROOT, load_tokenizer, load_weights, save_weights, vocab_fingerprint
 from trainer import build_parser, parse_args
 from trainer.train_full_sft import sft_file
 
@@ -53,6 +53,8 @@ def test_pretrain_then_sft_from_the_command_line(tmp_path):
     for stage in ("pretrain", "full_sft"):
         load_weights(model, out / f"{stage}_64.pth")
         assert (out / f"{stage}_64_resume.pth").is_file()
+        # the vocabulary the embeddings were trained under, so another tokenizer can be refused
+        assert json.loads((out / f"{stage}_64.json").read_text())["tokenizer_vocab"] == vocab_fingerprint(load_tokenizer())
     # --save_hf: a stock transformers Llama folder holding the same weights
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 

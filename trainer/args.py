@@ -11,7 +11,7 @@ from typing import Any
 
 from dataset import lm_dataset
 from model import MiniMindConfig
-from model.loading import best_device
+from model.loading import best_device, vocab_fingerprint
 
 
 def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
@@ -84,13 +84,15 @@ def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = No
     return set(vars(probe.parse_args(argv)))
 
 
-def model_config(args: argparse.Namespace, vocab_size: int) -> MiniMindConfig:
-    """The model shape from --preset and/or --hidden_size / --num_hidden_layers / --use_moe (flags win)."""
+def model_config(args: argparse.Namespace, tokenizer: Any) -> MiniMindConfig:
+    """The model shape from --preset and/or --hidden_size / --num_hidden_layers / --use_moe (flags win), for the
+    vocabulary of ``tokenizer`` (recorded, so checkpoints can refuse another one)."""
     flags = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers, use_moe=args.use_moe)
     overrides = {k: (bool(v) if k == "use_moe" else v) for k, v in flags.items() if v is not None}
+    vocab = dict(vocab_size=len(tokenizer), tokenizer_vocab=vocab_fingerprint(tokenizer))
     if args.preset:
-        return MiniMindConfig.from_preset(args.preset, vocab_size=vocab_size, **overrides)
-    return MiniMindConfig(**{"hidden_size": 512, "num_hidden_layers": 8, **overrides}, vocab_size=vocab_size)
+        return MiniMindConfig.from_preset(args.preset, **vocab, **overrides)
+    return MiniMindConfig(**{"hidden_size": 512, "num_hidden_layers": 8, **overrides}, **vocab)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model import MiniMindConfig
+from model.model_minimind import SHAPE_FIELDS, MiniMindConfig
 from model.loading import CheckpointMismatch, atomic_save
 
 
@@ -20,10 +20,7 @@ def resume_path(weights_path: Path) -> Path:
 
 def shape_of(config: MiniMindConfig) -> dict[str, Any]:
     """The config fields that decide whether saved tensors fit (not generation or bookkeeping fields)."""
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "intermediate_size", "qk_norm", "use_moe", "n_routed_experts", "num_experts_per_tok",
-            "n_shared_experts", "tie_word_embeddings")
-    return {k: getattr(config, k) for k in keys}
+    return {k: getattr(config, k) for k in ("vocab_size", *SHAPE_FIELDS)}
 
 
 def rng_state() -> dict[str, Any]:

@@ -282,7 +282,7 @@ def train(stage: Stage, args: Namespace) -> Result:
     random.seed(args.seed)
     np.random.seed(args.seed)
     tokenizer = load_tokenizer()
-    config = model_config(args, vocab_size=len(tokenizer))
+    config = model_config(args, tokenizer)
     raw = MiniMindForCausalLM(config)  # "raw": the plain module, for saving and eval; "model" may be wrapped
     load_start_weights(raw, args.from_weight, args)
     raw.to(rt.device)

@@ -4,11 +4,12 @@
     python trainer/train_tokenizer.py --corpus dataset/pretrain_hq.jsonl --out_dir out/my_tokenizer
 
 A tokenizer.json already in --out_dir whose vocabulary differs from the new one is only replaced with --force: every
-checkpoint trained with the old one would load without error and read its ids as other tokens.
+checkpoint trained with the old one reads its ids as other tokens (those that record their vocabulary are refused).
 
-Special tokens sit at fixed ids, the same as MiniMind's, so official MiniMind weights and ours agree on them:
+Special tokens sit at fixed ids; 0-2 are MiniMind's (the rest of its vocabulary differs from ours):
     0 <|endoftext|> (pad, unk)   1 <|im_start|> (bos)   2 <|im_end|> (eos)
-    3-8 <tool_call> </tool_call> <tool_response> </tool_response> <think> </think>  (reserved, as in minimind-3)
+    3-8 <tool_call> </tool_call> <tool_response> </tool_response> <think> </think>  (reserved; minimind-3 has them
+    too, at ids 21-26)
 The pre-tokenizer is GPT-2's byte-level split regex, so llama.cpp treats the vocabulary as its `gpt-2` pre-tokenizer.
 
 How the shipped tokenizer was built (default mode, reproducible; ~30 s on 2 cores once fetched):
