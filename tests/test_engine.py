@@ -235,11 +235,10 @@ def test_a_bad_first_row_of_a_new_run_leaves_the_old_checkpoint(tmp_path, monkey
     assert (tmp_path / "pretrain_64.pth").read_bytes() == before and resume_state(tmp_path)["step"] == 2
 
 
-def test_batches_count_by_supervised_tokens_for_lm_loss_only():
+def test_batches_count_by_supervised_tokens_unless_the_stage_says_otherwise():
     batch = {"labels": torch.tensor([[5, 6, -100, 7], [-100, -100, 8, 9]])}  # shifted: 2 + 2 supervised positions
-    assert Stage("pretrain", token_rows).weight(batch) == 4.0
-    assert Stage("custom", token_rows, loss_fn=lambda model, batch: (torch.zeros(()), {})).weight(batch) == 1.0
-    assert Stage("custom", token_rows, loss_weight=lambda batch: 2.5).weight(batch) == 2.5
+    assert Stage("pretrain", token_rows).loss_weight(batch) == 4
+    assert Stage("custom", token_rows, loss_weight=lambda batch: 2.5).loss_weight(batch) == 2.5
 
 
 def test_zero_intervals_mean_at_the_end_and_bad_sizes_are_clear(tmp_path, capsys):
@@ -270,9 +269,11 @@ def test_resume_notes_changed_settings_and_refuses_other_lora_shapes(tmp_path, c
 
     flags = ("--out_dir", str(tmp_path), "--max_steps", "2", "--save_interval", "2")
     train(lora(2), tiny_args(*flags))
-    train(lora(2), tiny_args(*flags, "--max_steps", "3", "--learning_rate", "5e-4", "--from_resume", "1"))
-    out = capsys.readouterr().out
-    assert "[resume] note: --learning_rate was 0.001, now 0.0005" in out and "--max_steps was 2, now 3" in out
+    train(lora(2), tiny_args(*flags, "--max_steps", "3", "--learning_rate", "5e-4", "--grad_clip", "0.5",
+                             "--from_resume", "1", "--log_interval", "3"))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[resume] note")]
+    assert notes == ["[resume] note: --grad_clip was 1.0, now 0.5", "[resume] note: --learning_rate was 0.001, now 0.0005",
+                     "[resume] note: --max_steps was 2, now 3"]  # not --from_resume or --log_interval
     with pytest.raises(ValueError, match=r"(?s)does not fit.*lora_A: file has \(2, 64\), model has \(4, 64\)"):
         train(lora(4), tiny_args(*flags, "--max_steps", "4", "--from_resume", "1"))
 

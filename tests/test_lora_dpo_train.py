@@ -20,6 +20,8 @@ from model.loading import REPO_ROOT, load_tokenizer, load_weights, save_weights
 from model.model_lora import LoRALinear, load_lora, read_lora_file
 from trainer import Stage, train
 from trainer.args import model_config
+from trainer.engine import evaluate
+from trainer.runtime import Runtime
 from trainer.train_dpo import dpo_loss, dpo_stage, pair_collate, sequence_logps
 from trainer.train_dpo import parse as parse_dpo
 from trainer.train_lora import LORA
@@ -124,6 +126,23 @@ def test_pair_collate_puts_chosen_then_rejected_at_one_length():
 
 # ----------------------------------------------------------------------------------------------------------------------
 # in process, through the engine
+
+
+def test_dpo_eval_is_a_mean_over_pairs_when_the_last_batch_is_smaller():
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(model_config(Namespace(preset=None, hidden_size=64, num_hidden_layers=2,
+                                                       use_moe=None), load_tokenizer())).eval()
+    stage = dpo_stage(Namespace(beta=0.1, dpo_length_norm=False))
+    stage.setup(model, Namespace())
+    with torch.no_grad():  # a policy away from its reference, so the pairs' losses differ
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    rows = [torch.randint(3, 6400, (16,)) for _ in range(10)]
+    pairs = [{"chosen_input_ids": c, "chosen_labels": c, "rejected_input_ids": r, "rejected_labels": r}
+             for c, r in zip(rows[::2], rows[1::2])]
+    got = evaluate(model, stage, pairs, Namespace(batch_size=4), Runtime(torch.device("cpu"), torch.float32))
+    per_pair = [stage.loss_fn(model, pair_collate([pair]))[0].item() for pair in pairs]
+    assert got["eval/loss"] == pytest.approx(sum(per_pair) / 5, rel=1e-5)  # 5 pairs in batches of 4 + 1
 
 
 def test_dpo_training_starts_at_ln2_and_learns_the_training_pairs(work, tok, tmp_path):

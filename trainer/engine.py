@@ -69,19 +69,13 @@ class Stage:
     name: str  # "pretrain", "full_sft", ...: a resume file of another stage is refused
     build_dataset: Callable[[Namespace, Any], Dataset]  # (args, tokenizer) -> items of 1-D LongTensors
     loss_fn: LossFn = lm_loss  # (model, batch) -> (loss, extra metrics); also used for the held-out eval
-    # What loss_fn's mean is over, per batch: batches count by it, so that accumulation and DDP give the gradient
-    # of one big batch. None: supervised tokens for lm_loss, else every batch the same (DPO: a mean over pairs).
-    loss_weight: Callable[[Batch], float] | None = None
+    # How many things loss_fn's mean is over, per batch, read on the host: batches count by it, so accumulation, DDP
+    # and eval give the mean of one big batch. A loss that is a mean over something else says so (DPO: pairs).
+    loss_weight: Callable[[Batch], float] = supervised_tokens
     setup: Callable[[nn.Module, Namespace], None] | None = None  # after --from_weight, on the device: freeze, add LoRA
     weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
     save_weights: Callable[[nn.Module, Path], Any] = save_weights  # what goes into the weights file
     collate: Callable[[list[Batch]], Batch] = pad_collate
-
-    def weight(self, batch: Batch) -> float:
-        """How much ``batch`` counts in a mean over several batches (see ``loss_weight``), read on the host."""
-        if self.loss_weight is not None:
-            return float(self.loss_weight(batch))
-        return float(supervised_tokens(batch)) if self.loss_fn is lm_loss else 1.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,12 +147,13 @@ def all_ranks(rt: Runtime, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceO
 
 @torch.no_grad()
 def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt: Runtime) -> dict[str, float]:
-    """Mean loss (and metrics) over the held-out rows, in order, on this rank; per token for LM stages."""
+    """Mean loss (and metrics) over the held-out rows, in order, on this rank: per ``stage.loss_weight`` (tokens,
+    pairs), so the last, smaller batch counts by its size."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     total = 0.0
     for batch in DataLoader(data, batch_size=args.batch_size, collate_fn=stage.collate):
-        weight = stage.weight(batch)
+        weight = float(stage.loss_weight(batch))
         with rt.autocast():
             loss, metrics = stage.loss_fn(model, {k: v.to(rt.device) for k, v in batch.items()})
         for k, v in {"loss": loss, **metrics}.items():
@@ -172,9 +167,11 @@ def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt:
 # the loop
 
 
-# Settings whose change on resume makes a different run from the one saved: each gets a note.
-RUN_SETTINGS = ("data_path", "max_seq_len", "learning_rate", "warmup_iters", "epochs", "max_steps", "batch_size",
-                "accumulation_steps", "seed", "lora_rank", "lora_alpha", "lora_targets", "beta")
+# Settings that say where and how a run is watched, not what it computes. A change of any other setting on resume
+# (a stage's own flags included) makes a different run from the one saved, and gets a note.
+INCIDENTAL_SETTINGS = {"from_resume", "device", "use_compile", "compile_mode", "num_workers", "ddp", "local_rank",
+                       "time_budget", "skip_bad_lines", "cache_dir", "out_dir", "save_interval", "save_hf",
+                       "log_interval", "eval_interval", "use_wandb", "wandb_project", "peak_tflops"}
 
 
 def restore(state: dict[str, Any], resume_file: Path, raw: nn.Module, optimizer: torch.optim.Optimizer,
@@ -183,8 +180,8 @@ def restore(state: dict[str, Any], resume_file: Path, raw: nn.Module, optimizer:
     """Load a resume file's state; returns (step, logger run id). When the global batch changed (e.g. another GPU
     count), the step is the one at the same epoch and row of it, so no row is trained on twice or skipped."""
     saved = state.get("args", {})
-    for name in RUN_SETTINGS:
-        if name in saved and name in vars(args) and saved[name] != getattr(args, name):
+    for name in sorted(saved.keys() & vars(args).keys() - INCIDENTAL_SETTINGS):
+        if saved[name] != getattr(args, name):
             rt.print(f"[resume] note: --{name} was {saved[name]}, now {getattr(args, name)}")
     load_state_dict_into(raw, state["model"], resume_file)  # a model of other LoRA settings: a clear refusal
     optimizer.load_state_dict(state["optimizer"])
@@ -222,7 +219,7 @@ def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new
 def check_supervision(stage: Stage, data: Dataset, rt: Runtime, sample: int = 64) -> None:
     """Warn when sampled rows have no supervised token (a reply cut off by --max_seq_len): they train nothing."""
     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:sample].tolist()
-    empty = sum(stage.weight(stage.collate([data[i]])) == 0 for i in picks)
+    empty = sum(supervised_tokens(stage.collate([data[i]])) == 0 for i in picks)
     if empty:
         rt.print(f"[data] warning: {empty} of {len(picks)} sampled rows have no supervised token within --max_seq_len "
                  f"(the reply is cut off): they train nothing. Raise --max_seq_len, or shorten the prompts.")
@@ -373,7 +370,7 @@ def train(stage: Stage, args: Namespace) -> Result:
                 raise stopped_by(e) from None
             # Each micro-batch counts by its share of the step's supervised tokens: k micro-batches, or N GPUs, then
             # give one big batch's gradient even when rows hold different numbers of them.
-            shares = step_shares([stage.weight(b) for b in micro_batches], rt)
+            shares = step_shares([float(stage.loss_weight(b)) for b in micro_batches], rt)
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
                 last = i == args.accumulation_steps - 1

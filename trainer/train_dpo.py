@@ -98,9 +98,14 @@ class DPOLoss:
         return loss, metrics
 
 
+def pair_count(batch: Batch) -> int:
+    """What the DPO loss is a mean over: pairs (a batch holds each pair's chosen and rejected row)."""
+    return len(batch["input_ids"]) // 2
+
+
 def dpo_stage(args: Namespace) -> Stage:
     dpo = DPOLoss(args.beta, args.dpo_length_norm)
-    return Stage("dpo", dpo_data, loss_fn=dpo, setup=dpo.setup, collate=pair_collate)
+    return Stage("dpo", dpo_data, loss_fn=dpo, loss_weight=pair_count, setup=dpo.setup, collate=pair_collate)
 
 
 def parse(argv: list[str] | None = None) -> Namespace:
