@@ -174,7 +174,7 @@ def test_a_resume_file_of_another_stage_or_shape_is_refused(tmp_path):
 def test_a_missing_from_weight_names_the_file_and_the_command_that_makes_it(tmp_path):
     model = tiny_model()
     with pytest.raises(FileNotFoundError, match=r"pretrain_64\.pth.*python trainer/train_pretrain\.py --hidden_size 64"):
-        load_start_weights(model, "pretrain", tiny_args("--out_dir", str(tmp_path)))
+        load_start_weights(model, "pretrain", str(tmp_path))
 
 
 def test_a_bare_cuda_device_gets_an_index(monkeypatch):

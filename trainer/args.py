@@ -48,7 +48,8 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     shape.add_argument("--max_seq_len", type=int, default=512)
 
     io = p.add_argument_group("data and checkpoints")
-    io.add_argument("--data_path", default=None, help="jsonl file (default: MiniMind's file in dataset/, else the demo)")
+    io.add_argument("--data_path", default=None,
+                    help="jsonl file (default: MiniMind's file in dataset/, else the demo)")
     io.add_argument("--skip_bad_lines", action="store_true", help="skip unreadable rows instead of stopping")
     io.add_argument("--cache_dir", default=None,
                     help="where token caches and line indexes go (default: <data dir>/.cache, or ~/.cache/minimind-lab "

@@ -54,6 +54,7 @@ def load_resume(path: Path, stage: str, config: MiniMindConfig) -> dict[str, Any
     state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no pickled code
     if state["stage"] != stage or state["shape"] != shape_of(config):
         held = MiniMindConfig(**state["shape"]).describe()
-        raise CheckpointMismatch(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a '{stage}' run "
-                         f"of {config.describe()}. Pass the flags that match the file, or drop --from_resume.")
+        raise CheckpointMismatch(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a "
+                                 f"'{stage}' run of {config.describe()}. Pass the flags that match the file, or drop "
+                                 f"--from_resume.")
     return state

@@ -102,22 +102,37 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 0) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def load_start_weights(model: nn.Module, from_weight: str, args: Namespace) -> None:
-    """--from_weight: ``none``, a stage name (``pretrain`` -> out/pretrain_<suffix>.pth) or a file path."""
+def load_start_weights(model: nn.Module, from_weight: str, directory: str | None = None) -> None:
+    """--from_weight: ``none``, a stage name (``pretrain`` -> <directory>/pretrain_<suffix>.pth) or a file path."""
     if from_weight.lower() == "none":
         return
     is_path = from_weight.endswith((".pth", ".safetensors")) or "/" in from_weight or "\\" in from_weight
-    path = resolve_path(from_weight) if is_path else checkpoint_path(from_weight, model.config, args.out_dir)
+    path = resolve_path(from_weight) if is_path else checkpoint_path(from_weight, model.config, directory)
     if not path.is_file():
         shape = model.config.describe().split(" (")[0]
-        where = f" --out_dir {args.out_dir}" if args.out_dir else ""
+        where = f" --out_dir {directory}" if directory else ""
         make = "" if is_path else f" It is written by: python trainer/train_{from_weight}.py {shape}{where}."
         raise FileNotFoundError(f"--from_weight {from_weight}: no checkpoint at {path}.{make} "
                                 f"Or start from random weights with --from_weight none.")
     load_weights(model, path)
 
 
-def epoch_loader(data: Dataset, args: Namespace, rt: Runtime, collate: Callable, epoch: int, skip_rows: int) -> DataLoader:
+def build_model(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> MiniMindForCausalLM:
+    """The model a run starts from, the same on every rank: seeded, --from_weight loaded, on the device, then the
+    stage's setup (freeze, add LoRA, copy a reference)."""
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    model = MiniMindForCausalLM(model_config(args, tokenizer))
+    load_start_weights(model, args.from_weight, args.out_dir)
+    model.to(rt.device)
+    if stage.setup:
+        stage.setup(model, args)
+    return model
+
+
+def epoch_loader(data: Dataset, args: Namespace, rt: Runtime, collate: Callable[[list[Batch]], Batch], epoch: int,
+                 skip_rows: int) -> DataLoader:
     """This rank's batches of one epoch. The order is a function of (seed, epoch) only, so a resumed run skips
     exactly the rows it already trained on and then sees the same batches as an uninterrupted one."""
     sampler = DistributedSampler(data, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=args.seed)
@@ -128,7 +143,7 @@ def epoch_loader(data: Dataset, args: Namespace, rt: Runtime, collate: Callable,
                       generator=torch.Generator())  # own generator: creating a loader leaves the global RNG alone
 
 
-def step_batches(data: Dataset, args: Namespace, rt: Runtime, collate: Callable, start_step: int,
+def step_batches(data: Dataset, args: Namespace, rt: Runtime, collate: Callable[[list[Batch]], Batch], start_step: int,
                  steps_per_epoch: int) -> Iterator[Iterator[Batch]]:
     """For each optimizer step from ``start_step`` on, its ``accumulation_steps`` micro-batches."""
     accum = args.accumulation_steps
@@ -139,10 +154,103 @@ def step_batches(data: Dataset, args: Namespace, rt: Runtime, collate: Callable,
             yield itertools.islice(batches, accum)
 
 
+def split_data(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> tuple[Dataset, Dataset | None]:
+    """The stage's rows as (train, held-out eval or None), checked for what would make a run pointless."""
+    dataset = stage.build_dataset(args, tokenizer)
+    if len(dataset) == 0:
+        raise ValueError(f"{args.data_path} has no rows")
+    if args.eval_size >= len(dataset):
+        raise ValueError(f"--eval_size {args.eval_size} leaves no rows to train on: the data has {len(dataset)}; "
+                         f"lower it (0: no held-out eval)")
+    train_set, eval_set = train_eval_split(dataset, eval_size=args.eval_size, seed=args.seed) if args.eval_size \
+        else (dataset, None)
+    if rt.is_main:
+        check_supervision(train_set, stage.collate, rt)
+    return train_set, eval_set
+
+
+def check_supervision(data: Dataset, collate: Callable[[list[Batch]], Batch], rt: Runtime, sample: int = 64) \
+        -> None:
+    """Warn when sampled rows have no supervised token (a reply cut off by --max_seq_len): they train nothing."""
+    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:sample].tolist()
+    empty = sum(supervised_tokens(collate([data[i]])) == 0 for i in picks)
+    if empty:
+        rt.print(f"[data] warning: {empty} of {len(picks)} sampled rows have no supervised token within --max_seq_len "
+                 f"(the reply is cut off): they train nothing. Raise --max_seq_len, or shorten the prompts.")
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps a run makes, of how many rows."""
+
+    global_batch: int  # rows per step: batch_size x accumulation_steps x GPUs
+    steps_per_epoch: int  # each epoch drops its last partial step
+    total: int
+
+
+def plan_steps(train_rows: int, args: Namespace, rt: Runtime) -> Plan:
+    global_batch = args.batch_size * args.accumulation_steps * rt.world_size
+    steps_per_epoch = math.ceil(train_rows / rt.world_size) // args.batch_size // args.accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{train_rows} training rows make no step of {global_batch} rows (batch_size x "
+                         f"accumulation_steps x GPUs): lower --batch_size or --accumulation_steps, or add data")
+    total = args.epochs * steps_per_epoch
+    return Plan(global_batch, steps_per_epoch, min(args.max_steps, total) if args.max_steps else total)
+
+
 def all_ranks(rt: Runtime, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``value`` summed (or ``op``) over all ranks, in place; as is in one process."""
     if rt.ddp:
         dist.all_reduce(value, op=op)
     return value
+
+
+def all_agree(rt: Runtime, flag: bool) -> bool:
+    """True when ``flag`` is true on any rank: every rank must stop together, or the others would wait forever at
+    the next all-reduce."""
+    return bool(all_ranks(rt, torch.tensor(float(flag), device=rt.device), dist.ReduceOp.MAX).item())
+
+
+def step_shares(weights: list[float], rt: Runtime) -> list[float | torch.Tensor]:
+    """Each micro-batch's share of the step's weight (its ``loss_weight``, on all ranks), times the world size
+    because DDP averages gradients over ranks. One process: host floats. DDP: one small all-reduce of the step's
+    total, copied to the device without a host sync (pinned memory on CUDA)."""
+    if not rt.ddp:
+        total = max(sum(weights), 1.0)
+        return [w / total for w in weights]
+    local = torch.tensor([sum(weights)])
+    local = local.pin_memory() if rt.device.type == "cuda" else local
+    total = all_ranks(rt, local.to(rt.device, non_blocking=True)).clamp(min=1)[0]
+    return [w * rt.world_size / total for w in weights]
+
+
+def accumulate(model: nn.Module, stage: Stage, micro_batches: list[Batch], scaler: torch.amp.GradScaler,
+               window: Window, rt: Runtime) -> None:
+    """Forward and backward each micro-batch of one step. Each counts by its share of the step's ``loss_weight``
+    (supervised tokens, pairs) on all ranks: k micro-batches, or N GPUs, give one big batch's gradient."""
+    shares = step_shares([float(stage.loss_weight(b)) for b in micro_batches], rt)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
+        last = i == len(micro_batches) - 1
+        # under DDP, gradients are all-reduced once per step, at the last micro-batch
+        with model.no_sync() if rt.ddp and not last else contextlib.nullcontext():
+            with rt.autocast():
+                loss, metrics = stage.loss_fn(model, batch)
+            scaler.scale(loss * shares[i]).backward()
+        window.add_micro_batch(loss, metrics, shares[i], batch["input_ids"].numel())
+
+
+def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   grad_clip: float) -> torch.Tensor:
+    """Clip (when ``grad_clip`` > 0), step, zero the gradients; returns the gradient norm before clipping. The norm is
+    checked like the loss: a finite loss can still backpropagate inf, and AdamW would then write NaN weights."""
+    scaler.unscale_(optimizer)  # a no-op without fp16
+    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else \
+        nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 @torch.no_grad()
@@ -161,68 +269,6 @@ def evaluate(model: nn.Module, stage: Stage, data: Dataset, args: Namespace, rt:
         total += weight
     model.train()
     return {f"eval/{k}": v.item() / max(total, 1.0) for k, v in sums.items()}  # host sync, once per eval
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the loop
-
-
-# Settings that say where and how a run is watched, not what it computes. A change of any other setting on resume
-# (a stage's own flags included) makes a different run from the one saved, and gets a note.
-INCIDENTAL_SETTINGS = {"from_resume", "device", "use_compile", "compile_mode", "num_workers", "ddp", "local_rank",
-                       "time_budget", "skip_bad_lines", "cache_dir", "out_dir", "save_interval", "save_hf",
-                       "log_interval", "eval_interval", "use_wandb", "wandb_project", "peak_tflops"}
-
-
-def restore(state: dict[str, Any], resume_file: Path, raw: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, args: Namespace, global_batch: int, steps_per_epoch: int,
-            rt: Runtime) -> tuple[int, str | None]:
-    """Load a resume file's state; returns (step, logger run id). When the global batch changed (e.g. another GPU
-    count), the step is the one at the same epoch and row of it, so no row is trained on twice or skipped."""
-    saved = state.get("args", {})
-    for name in sorted(saved.keys() & vars(args).keys() - INCIDENTAL_SETTINGS):
-        if saved[name] != getattr(args, name):
-            rt.print(f"[resume] note: --{name} was {saved[name]}, now {getattr(args, name)}")
-    load_state_dict_into(raw, state["model"], resume_file)  # a model of other LoRA settings: a clear refusal
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    step = state["step"]
-    if (state["global_batch"], state.get("steps_per_epoch", steps_per_epoch)) != (global_batch, steps_per_epoch):
-        step = rescaled_step(step, state["global_batch"], state.get("steps_per_epoch"), global_batch, steps_per_epoch)
-        rt.print(f"[resume] global batch {state['global_batch']} -> {global_batch} rows: step {state['step']} -> {step}")
-    return step, state["run_id"]
-
-
-def step_shares(weights: list[float], rt: Runtime) -> list[float | torch.Tensor]:
-    """Each micro-batch's share of the step's weight (its supervised tokens, on all ranks), times the world size
-    because DDP averages gradients over ranks. One process: host floats. DDP: one small all-reduce of the step's
-    total, copied to the device without a host sync (pinned memory on CUDA)."""
-    if not rt.ddp:
-        total = max(sum(weights), 1.0)
-        return [w / total for w in weights]
-    local = torch.tensor([sum(weights)])
-    local = local.pin_memory() if rt.device.type == "cuda" else local
-    total = all_ranks(rt, local.to(rt.device, non_blocking=True)).clamp(min=1)[0]
-    return [w * rt.world_size / total for w in weights]
-
-
-def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new_global_batch: int,
-                  new_steps_per_epoch: int) -> int:
-    """The step of a new global batch size at the same epoch and row of it (each epoch drops its own last partial
-    step, so the rows before an epoch differ between batch sizes). Old resume files lack steps_per_epoch: then
-    the step counts rows from the start."""
-    epoch, into_epoch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, step)
-    return epoch * new_steps_per_epoch + into_epoch * global_batch // new_global_batch
-
-
-def check_supervision(stage: Stage, data: Dataset, rt: Runtime, sample: int = 64) -> None:
-    """Warn when sampled rows have no supervised token (a reply cut off by --max_seq_len): they train nothing."""
-    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:sample].tolist()
-    empty = sum(supervised_tokens(stage.collate([data[i]])) == 0 for i in picks)
-    if empty:
-        rt.print(f"[data] warning: {empty} of {len(picks)} sampled rows have no supervised token within --max_seq_len "
-                 f"(the reply is cut off): they train nothing. Raise --max_seq_len, or shorten the prompts.")
 
 
 class Window:
@@ -271,37 +317,80 @@ class Window:
         self._reset()
         return record, (None if first_bad == float("inf") else int(first_bad))
 
+    def went_bad(self) -> bool:
+        """Whether a step of this window had a NaN/inf loss or gradient (a host sync: for when the run stops)."""
+        return self.first_bad.item() != float("inf")
+
+    def restart_clock(self) -> None:
+        self.started = time.time()
+
+
+def bad_row_error(bad_row: DataError, saved: str) -> DataError:
+    """The error a bad data row ends a run with: the row's file:line, what was saved, and how to go on."""
+    message = str(bad_row)
+    if "Original Traceback" in message:  # a DataLoader worker's error arrives wrapped in its traceback
+        message = message.rsplit("DataError: ", 1)[-1].strip()
+    return DataError(f"{message}\nStopped ({saved}). Fix that line in place (deleting it would reshuffle the rows), "
+                     f"or add --skip_bad_lines, then continue with --from_resume 1.")
+
+
+def progress_text(record: dict[str, float]) -> str:
+    """The bar's postfix: loss, lr, speed, then the stage's own metrics (e.g. DPO's reward margin and accuracy)."""
+    text = f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+    text += f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
+    text += "".join(f" {k[6:]} {v:.3g}" for k, v in record.items() if k.startswith("train/"))
+    return text + "".join(f" eval_{k[5:]} {v:.3g}" for k, v in record.items() if k.startswith("eval/"))
+
+
+def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new_global_batch: int,
+                  new_steps_per_epoch: int) -> int:
+    """The step of a new global batch size at the same epoch and row of it (each epoch drops its own last partial
+    step, so the rows before an epoch differ between batch sizes). Old resume files lack steps_per_epoch: then
+    the step counts rows from the start."""
+    epoch, into_epoch = divmod(step, steps_per_epoch) if steps_per_epoch else (0, step)
+    return epoch * new_steps_per_epoch + into_epoch * global_batch // new_global_batch
+
+
+# Settings that say where and how a run is watched, not what it computes. A change of any other setting on resume
+# (a stage's own flags included) makes a different run from the one saved, and gets a note.
+INCIDENTAL_SETTINGS = {"from_resume", "device", "use_compile", "compile_mode", "num_workers", "ddp", "local_rank",
+                       "time_budget", "skip_bad_lines", "cache_dir", "out_dir", "save_interval", "save_hf",
+                       "log_interval", "eval_interval", "use_wandb", "wandb_project", "peak_tflops"}
+
+
+def restore(state: dict[str, Any], resume_file: Path, raw: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler, args: Namespace, plan: Plan, rt: Runtime) -> tuple[int, str | None]:
+    """Load a resume file's state; returns (step, logger run id). When the global batch changed (e.g. another GPU
+    count), the step is the one at the same epoch and row of it, so no row is trained on twice or skipped."""
+    saved = state.get("args", {})
+    for name in sorted(saved.keys() & vars(args).keys() - INCIDENTAL_SETTINGS):
+        if saved[name] != getattr(args, name):
+            rt.print(f"[resume] note: --{name} was {saved[name]}, now {getattr(args, name)}")
+    load_state_dict_into(raw, state["model"], resume_file)  # a model of other LoRA settings: a clear refusal
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    step = rescaled_step(state["step"], state["global_batch"], state.get("steps_per_epoch"), plan.global_batch,
+                         plan.steps_per_epoch)
+    if step != state["step"]:
+        rt.print(f"[resume] global batch {state['global_batch']} -> {plan.global_batch} rows: step {state['step']} -> "
+                 f"{step}")
+    return step, state["run_id"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the loop
+
 
 def train(stage: Stage, args: Namespace) -> Result:
     """Train ``stage`` as ``args`` say. Returns on rank 0 and the others alike; the caller shuts DDP down."""
     rt = setup_runtime(args.device, args.dtype)
-    torch.manual_seed(args.seed)  # every rank builds the same initial model
-    random.seed(args.seed)
-    np.random.seed(args.seed)
     tokenizer = load_tokenizer()
-    config = model_config(args, tokenizer)
-    raw = MiniMindForCausalLM(config)  # "raw": the plain module, for saving and eval; "model" may be wrapped
-    load_start_weights(raw, args.from_weight, args)
-    raw.to(rt.device)
-    if stage.setup:
-        stage.setup(raw, args)
-
-    dataset = stage.build_dataset(args, tokenizer)
-    if len(dataset) == 0:
-        raise ValueError(f"{getattr(args, 'data_path', None) or 'the dataset'} has no rows")
-    if args.eval_size >= len(dataset):
-        raise ValueError(f"--eval_size {args.eval_size} leaves no rows to train on: the data has {len(dataset)}; "
-                         f"lower it (0: no held-out eval)")
-    train_set, eval_set = train_eval_split(dataset, eval_size=args.eval_size, seed=args.seed) if args.eval_size \
-        else (dataset, None)
-    if rt.is_main:
-        check_supervision(stage, train_set, rt)
-    global_batch = args.batch_size * args.accumulation_steps * rt.world_size
-    steps_per_epoch = math.ceil(len(train_set) / rt.world_size) // args.batch_size // args.accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training rows make no step of {global_batch} rows (batch_size x "
-                         f"accumulation_steps x GPUs): lower --batch_size or --accumulation_steps, or add data")
-    total = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps, args.epochs * steps_per_epoch)
+    raw = build_model(stage, args, tokenizer, rt)  # the plain module, for saving and eval; "model" may be wrapped
+    config = raw.config
+    train_set, eval_set = split_data(stage, args, tokenizer, rt)
+    plan = plan_steps(len(train_set), args, rt)
+    total = plan.total
 
     weights_file = stage.weights_path(args, config)
     resume_file = resume_path(weights_file)
@@ -311,8 +400,9 @@ def train(stage: Stage, args: Namespace) -> Result:
     step, run_id = 0, None
     if args.from_resume:
         step, run_id = restore(load_resume(resume_file, stage.name, config), resume_file, raw, optimizer, scaler, args,
-                               global_batch, steps_per_epoch, rt)
+                               plan, rt)
         rt.print(f"[resume] {resume_file} at step {step}/{total}")
+    start_step = step
 
     model: nn.Module = torch.compile(raw, mode=args.compile_mode) if args.use_compile else raw
     if rt.ddp:  # MoE: a step may route no token to some expert, whose weights then get no gradient
@@ -322,13 +412,13 @@ def train(stage: Stage, args: Namespace) -> Result:
     rt.print(f"{stage.name}: {raw.params_summary()} ({config.describe()}), {trainable / 1e6:.2f}M trainable "
              f"({trainable / raw.count_parameters()[0]:.1%}), "
              f"device {rt.device} x{rt.world_size}, {str(rt.dtype).removeprefix('torch.')}")
-    rt.print(f"{len(train_set)} train rows, {len(eval_set or [])} eval rows; {total} steps of {global_batch} rows "
-             f"({steps_per_epoch} per epoch); lr {args.learning_rate:g}; weights -> {weights_file}")
+    rt.print(f"{len(train_set)} train rows, {len(eval_set or [])} eval rows; {total} steps of {plan.global_batch} "
+             f"rows ({plan.steps_per_epoch} per epoch); lr {args.learning_rate:g}; weights -> {weights_file}")
     logger = make_logger(args.use_wandb, rt.is_main, args.wandb_project, f"{stage.name}-{config.suffix}",
                          vars(args), run_id)
     peak = peak_tflops(rt.device, args.peak_tflops)  # TFLOP/s, None where unknown: then no MFU is shown
     history: list[dict[str, float]] = []
-    batches = step_batches(train_set, args, rt, stage.collate, step, steps_per_epoch)
+    batches = step_batches(train_set, args, rt, stage.collate, step, plan.steps_per_epoch)
     window = Window(rt)
     last_saved, start = None, time.time()
 
@@ -338,26 +428,18 @@ def train(stage: Stage, args: Namespace) -> Result:
             stage.save_weights(raw, weights_file)
             save_resume(resume_file, stage=stage.name, shape=shape_of(config), model=raw.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                        global_batch=global_batch, steps_per_epoch=steps_per_epoch, world_size=rt.world_size,
-                        run_id=logger.run_id, args=vars(args))
+                        global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
+                        world_size=rt.world_size, run_id=logger.run_id, args=vars(args))
         last_saved = step
 
-    start_step = step
-
     def stopped_by(bad_row: DataError) -> DataError:
-        """A bad row mid-run: save the steps this run made since its last save (unless they went NaN; under DDP the
-        other ranks are mid-step, so only a single process can), and say how to go on."""
-        went_nan = window.first_bad.item() != float("inf")  # host sync: fine, the run is over
-        if rt.ddp or step == start_step or last_saved == step or went_nan:
-            where = f"last saved: step {last_saved}" if last_saved else "nothing saved by this run"
-        else:
-            save()
-            where = f"saved step {step}"
-        # A DataLoader worker's error arrives wrapped in its traceback: keep the message.
-        message = str(bad_row)
-        message = message.rsplit("DataError: ", 1)[-1].strip() if "Original Traceback" in message else message
-        return DataError(f"{message}\nStopped ({where}). Fix that line in place (deleting it would reshuffle the "
-                         f"rows), or add --skip_bad_lines, then continue with --from_resume 1.")
+        """Save the steps this run made since its last save, unless they went NaN or the run is DDP (the other ranks
+        are mid-step, so only a single process can save)."""
+        if rt.ddp or step in (start_step, last_saved) or window.went_bad():
+            saved = f"last saved: step {last_saved}" if last_saved else "nothing saved by this run"
+            return bad_row_error(bad_row, saved)
+        save()
+        return bad_row_error(bad_row, f"saved step {step}")
 
     with tqdm(total=total, initial=step, disable=not rt.is_main, dynamic_ncols=True) as bar:
         while step < total:
@@ -368,30 +450,13 @@ def train(stage: Stage, args: Namespace) -> Result:
                 micro_batches = list(next(batches))
             except DataError as e:
                 raise stopped_by(e) from None
-            # Each micro-batch counts by its share of the step's supervised tokens: k micro-batches, or N GPUs, then
-            # give one big batch's gradient even when rows hold different numbers of them.
-            shares = step_shares([float(stage.loss_weight(b)) for b in micro_batches], rt)
-            for i, batch in enumerate(micro_batches):
-                batch = {k: v.to(rt.device, non_blocking=True) for k, v in batch.items()}
-                last = i == args.accumulation_steps - 1
-                # under DDP, gradients are all-reduced once per step, at the last micro-batch
-                with model.no_sync() if rt.ddp and not last else contextlib.nullcontext():
-                    with rt.autocast():
-                        loss, metrics = stage.loss_fn(model, batch)
-                    scaler.scale(loss * shares[i]).backward()
-                window.add_micro_batch(loss, metrics, shares[i], batch["input_ids"].numel())
-            scaler.unscale_(optimizer)  # a no-op without fp16
-            # The norm is checked like the loss: a finite loss can still backpropagate inf (then AdamW writes NaN).
-            grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip) if args.grad_clip > 0 else \
-                nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            accumulate(model, stage, micro_batches, scaler, window, rt)
+            grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
             window.end_step(step, None if scaler.is_enabled() else grad_norm)
             step += 1
             bar.update()
 
-            save_due = step == total or bool(args.save_interval) and step % args.save_interval == 0
+            save_due = step == total or (args.save_interval and step % args.save_interval == 0)
             if not save_due and not (args.log_interval and step % args.log_interval == 0):
                 continue
             record, first_bad = window.read()  # host sync, once per log interval
@@ -401,14 +466,12 @@ def train(stage: Stage, args: Namespace) -> Result:
                 raise TrainingDiverged(f"loss or gradient is NaN/inf at step {first_bad + 1}; stopped without "
                                        f"saving. Last good checkpoint: {where}. Lower --learning_rate, try --dtype "
                                        f"bfloat16 or float32, or check the data.")
-            # every rank must agree to stop, or the others would wait forever at the next all-reduce
-            out_of_time = all_ranks(rt, torch.tensor(float(bool(args.time_budget) and time.time() - start >
-                                                           args.time_budget), device=rt.device), dist.ReduceOp.MAX)
+            out_of_time = all_agree(rt, bool(args.time_budget) and time.time() - start > args.time_budget)
             record.update(step=step, lr=lr)
             if peak:
                 record["mfu"] = record["tokens_per_s"] * flops_per_token(config, args.max_seq_len) / (peak * 1e12)
-            if eval_set is not None and rt.is_main and (step == total or out_of_time.item() or
-                                                        (args.eval_interval and step % args.eval_interval == 0)):
+            eval_due = step == total or out_of_time or (args.eval_interval and step % args.eval_interval == 0)
+            if eval_set is not None and rt.is_main and eval_due:
                 try:
                     record.update(evaluate(raw, stage, eval_set, args, rt))
                 except DataError as e:  # a bad held-out row: the steps since the last save are good
@@ -418,8 +481,8 @@ def train(stage: Stage, args: Namespace) -> Result:
             bar.set_postfix_str(progress_text(record))
             if save_due:
                 save()
-            window.started = time.time()  # the next window's speed leaves out this eval and save
-            if out_of_time.item():
+            window.restart_clock()  # the next window's speed leaves out this eval and save
+            if out_of_time:
                 break
     if step < total:  # after the bar has closed, so the line stands on its own
         rt.print(f"[time] --time_budget {args.time_budget:g}s reached at step {step}/{total}")
@@ -436,14 +499,6 @@ def train(stage: Stage, args: Namespace) -> Result:
         folder = save_transformers(raw, tokenizer, out_dir(args.out_dir) / f"{weights_file.stem}-hf")
         rt.print(f"transformers folder: {folder}")
     return result
-
-
-def progress_text(record: dict[str, float]) -> str:
-    """The bar's postfix: loss, lr, speed, then the stage's own metrics (e.g. DPO's reward margin and accuracy)."""
-    text = f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
-    text += f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-    text += "".join(f" {k[6:]} {v:.3g}" for k, v in record.items() if k.startswith("train/"))
-    return text + "".join(f" eval_{k[5:]} {v:.3g}" for k, v in record.items() if k.startswith("eval/"))
 
 
 def run(stage: Stage, args: Namespace) -> None:
