@@ -76,15 +76,6 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     return p
 
 
-def typed_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> set[str]:
-    """The destinations the user typed on the command line (a default is never 'typed')."""
-    probe = copy.deepcopy(parser)
-    probe._defaults = {}  # set_defaults() values would otherwise count as given
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(probe.parse_args(argv)))
-
-
 def model_config(args: argparse.Namespace, tokenizer: Any) -> MiniMindConfig:
     """The model shape from --preset and/or --hidden_size / --num_hidden_layers / --use_moe (flags win), for the
     vocabulary of ``tokenizer`` (recorded, so checkpoints can refuse another one)."""
@@ -93,7 +84,7 @@ def model_config(args: argparse.Namespace, tokenizer: Any) -> MiniMindConfig:
     vocab = dict(vocab_size=len(tokenizer), tokenizer_vocab=vocab_fingerprint(tokenizer))
     if args.preset:
         return MiniMindConfig.from_preset(args.preset, **vocab, **overrides)
-    return MiniMindConfig(**{"hidden_size": 512, "num_hidden_layers": 8, **overrides}, **vocab)
+    return MiniMindConfig(**overrides, **vocab)  # MiniMind2-Small, 26M, unless flags say otherwise
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
@@ -126,8 +117,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
         args.data_path = str(path)  # a str: args go into resume files and loggers
     on_cpu = (args.device or best_device()) == "cpu"
     if demo and (on_cpu or demo_data):
-        typed = typed_flags(parser, argv)
-        changed = {k: v for k, v in demo.items() if k not in typed}
+        with_demo = copy.deepcopy(parser)
+        with_demo.set_defaults(**demo)
+        demo_args = vars(with_demo.parse_args(argv))  # a typed flag still wins over a default
+        changed = {k: demo_args[k] for k in demo if demo_args[k] != getattr(args, k)}
         vars(args).update(changed)
         if changed and int(os.environ.get("RANK", 0)) == 0:
             flags = " ".join(f"--{k} {v}" for k, v in changed.items())
