@@ -16,12 +16,19 @@ import argparse
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.generation import ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
-from model.loading import add_model_args, model_from_args
+from model.loading import add_model_args, model_from_args, weight_arg
 from scripts.metrics import CHAT_PROMPTS, PLAIN_PROMPTS, ngram_repetition
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+    from model.model_minimind import MiniMindForCausalLM
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +84,8 @@ def read_prompts(interactive: bool) -> Iterator[str]:
             yield text
 
 
-def respond(model, tokenizer, prompt: str, config, show_speed: bool) -> str | None:
+def respond(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: GenerationConfig,
+            show_speed: bool) -> str | None:
     """Stream one reply to stdout; None when Ctrl-C cut it short."""
     stream = ReplyStream(model, tokenizer, prompt, config)
     pieces = iter(stream)
@@ -96,38 +104,24 @@ def respond(model, tokenizer, prompt: str, config, show_speed: bool) -> str | No
     return stream.text
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        model, tokenizer = model_from_args(args)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    source = args.weight if args.load_from == "model" else args.load_from
-    plain = args.plain or Path(source).name.startswith("pretrain")
-    print(f"{model.params_summary()} | {model.device} {str(model.dtype).removeprefix('torch.')} | "
-          f"{'plain continuation' if plain else 'chat'}", file=sys.stderr)
-    config = generation_config(tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
-                               args.repetition_penalty, args.num_beams)
-    mode = args.mode
-    if mode is None:
-        mode = "chat" if not sys.stdin.isatty() else (
-            "auto" if input("[0] 自动测试 auto test\n[1] 手动对话 chat\n> ").strip() == "0" else "chat")
+def run_auto(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig, plain: bool,
+             show_speed: bool) -> None:
+    """Reply to the eight fixed prompts, then print the replies' mean length and 4-gram repetition."""
+    replies = []
+    for text in PLAIN_PROMPTS if plain else CHAT_PROMPTS:
+        print(f"👶: {text}")
+        prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, [{"role": "user", "content": text}])
+        replies.append(respond(model, tokenizer, prompt, config, show_speed) or "")
+        print()
+    mean_len = sum(map(len, replies)) / len(replies)
+    mean_rep = sum(ngram_repetition(r) for r in replies) / len(replies)
+    print(f"mean reply length {mean_len:.1f} characters, mean 4-gram repetition {mean_rep:.3f} (characters)")
 
-    if mode == "auto":
-        replies = []
-        for text in PLAIN_PROMPTS if plain else CHAT_PROMPTS:
-            print(f"👶: {text}")
-            prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, [{"role": "user", "content": text}])
-            reply = respond(model, tokenizer, prompt, config, bool(args.show_speed))
-            replies.append(reply or "")
-            print()
-        mean_len = sum(map(len, replies)) / len(replies)
-        mean_rep = sum(ngram_repetition(r) for r in replies) / len(replies)
-        print(f"mean reply length {mean_len:.1f} characters, mean 4-gram repetition {mean_rep:.3f} (characters)")
-        return
 
+def run_chat(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig, plain: bool,
+             show_speed: bool, history_cnt: int, max_context: int) -> None:
+    """Reply to prompts from the terminal or stdin, keeping the last ``history_cnt`` messages (a plain model sees
+    only the current line)."""
     print("/clear: forget the history 清空历史 · /exit or Ctrl-D: quit 退出 · Ctrl-C: stop a reply 中断回答",
           file=sys.stderr)
     messages: list[dict[str, str]] = []
@@ -138,16 +132,39 @@ def main(argv: list[str] | None = None) -> None:
             messages = []
             print("(history cleared / 历史已清空)")
             continue
-        messages = messages[-args.history_cnt:] if args.history_cnt else []
+        messages = messages[-history_cnt:] if history_cnt else []
         messages.append({"role": "user", "content": text})
-        if args.max_context and not plain:
-            messages = fit_history(tokenizer, messages, args.max_context)
+        if max_context and not plain:
+            messages = fit_history(tokenizer, messages, max_context)
         prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, messages)
-        reply = respond(model, tokenizer, prompt, config, bool(args.show_speed))
+        reply = respond(model, tokenizer, prompt, config, show_speed)
         if reply is None:
             messages.pop()  # an interrupted turn is not part of the history
         else:
             messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = model_from_args(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    plain = args.plain or Path(weight_arg(args)).name.startswith("pretrain")  # a pretrained model knows no chat
+    print(f"{model.params_summary()} | {model.device} {str(model.dtype).removeprefix('torch.')} | "
+          f"{'plain continuation' if plain else 'chat'}", file=sys.stderr)
+    config = generation_config(tokenizer, args.max_new_tokens, args.temperature, args.top_p, args.top_k,
+                               args.repetition_penalty, args.num_beams)
+    mode = args.mode
+    if mode is None:  # piped stdin holds the prompts, so only a terminal is asked
+        mode = "chat" if not sys.stdin.isatty() else (
+            "auto" if input("[0] 自动测试 auto test\n[1] 手动对话 chat\n> ").strip() == "0" else "chat")
+    if mode == "auto":
+        run_auto(model, tokenizer, config, plain, bool(args.show_speed))
+    else:
+        run_chat(model, tokenizer, config, plain, bool(args.show_speed), args.history_cnt, args.max_context)
 
 
 if __name__ == "__main__":

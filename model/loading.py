@@ -16,12 +16,15 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 from torch import nn
 
-from model.model_minimind import PRESETS, MiniMindConfig
+from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, PreTrainedTokenizerBase, Qwen3Config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO_ROOT / "out"
@@ -79,7 +82,8 @@ def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
     config beside it (``full_sft_512.pth`` -> ``full_sft_512.json``): the tensors tell the shape, but not what
     ``load_model`` would otherwise have to guess from a preset (MoE top-k, RMSNorm eps, aux-loss alpha)."""
     model = getattr(model, "module", model)  # unwrap DDP
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype)
+             for k, v in model.state_dict().items()}
     config = getattr(model, "config", None)
     if isinstance(config, MiniMindConfig):
         atomic_write(config_path(path), lambda f: f.write(config.to_json_string(use_diff=False).encode()))
@@ -143,31 +147,41 @@ def check_vocabulary(trained: str | None, given: str | None, source: str | os.Pa
 
 
 def load_state_dict_into(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> nn.Module:
-    """``load_weights`` for tensors already in memory (e.g. read from a transformers folder); ``source`` names them."""
-    own = model.state_dict()
+    """``load_weights`` for tensors already in memory (e.g. read from a transformers folder); ``source`` names them.
+    ``state`` itself is left as it was."""
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and not _head_is_tied(state):
-        raise CheckpointMismatch(f"checkpoint {source} has an lm_head.weight of its own (untied embeddings), but this model "
-                         "ties its head to the embedding. load_model (eval_llm.py, the server, convert_model.py) "
-                         "reads this off the file; in code, build the model with tie_word_embeddings=False")
+        raise CheckpointMismatch(f"checkpoint {source} has an lm_head.weight of its own (untied embeddings), but this "
+                                 "model ties its head to the embedding. load_model (eval_llm.py, the server, "
+                                 "convert_model.py) reads this off the file; in code, build the model with "
+                                 "tie_word_embeddings=False")
+    state = dict(state)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     for key, tied_to in tied.items():  # checkpoints may store the tied head or omit it
         if key not in state and tied_to in state:
             state[key] = state[tied_to]
-    problems = [
-        f"  {k}: file has {tuple(v.shape)}, model has {tuple(own[k].shape)}"
-        for k, v in state.items() if k in own and v.shape != own[k].shape
-    ]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if problems or missing or unexpected:
-        lines = [f"checkpoint {source} does not fit this model ({describe_model(model)})."]
-        lines += ["Shape mismatches:", *short_lines(problems)] if problems else []
-        lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
-        lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
-        lines.append(f"The file needs: {infer_config_hint(state, source)}")
-        raise CheckpointMismatch("\n".join(lines))
+    report = _mismatch_report(model, state, source)
+    if report:
+        raise CheckpointMismatch(report)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _mismatch_report(model: nn.Module, state: dict[str, torch.Tensor], source: str | os.PathLike) -> str | None:
+    """What keeps ``state`` out of ``model`` (other shapes, missing or extra tensors) and what the file needs; None
+    when it fits."""
+    own = model.state_dict()
+    shape_mismatches = [f"  {k}: file has {tuple(v.shape)}, model has {tuple(own[k].shape)}"
+                        for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if not (shape_mismatches or missing or unexpected):
+        return None
+    lines = [f"checkpoint {source} does not fit this model ({describe_model(model)})."]
+    lines += ["Shape mismatches:", *short_lines(shape_mismatches)] if shape_mismatches else []
+    lines += [f"Missing from the file: {short_list(missing)}"] if missing else []
+    lines += [f"Not in the model: {short_list(unexpected)}"] if unexpected else []
+    lines.append(f"The file needs: {describe_checkpoint(state, source)}")
+    return "\n".join(lines)
 
 
 def short_list(keys: list[str], limit: int = 6) -> str:
@@ -184,8 +198,9 @@ def describe_model(model: nn.Module) -> str:
     return config.describe() if isinstance(config, MiniMindConfig) else type(model).__name__
 
 
-def infer_config_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Read the shape of a MiniMind checkpoint off its tensors (hidden size, layers, heads, MoE, q/k-norm)."""
+def shape_of_state_dict(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The config fields a MiniMind checkpoint's tensors tell (vocabulary, hidden size, layers, MLP width, MoE,
+    q/k-norm and its head_dim, tied head); KeyError/ValueError/IndexError when it is not one."""
     hidden = state["model.embed_tokens.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
     q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
@@ -215,14 +230,15 @@ def _head_is_tied(state: dict[str, torch.Tensor]) -> bool:
     return head.data_ptr() == embedding.data_ptr() or (head.shape == embedding.shape and torch.equal(head, embedding))
 
 
-def infer_config_hint(state: dict[str, torch.Tensor], source: str | os.PathLike = "checkpoint") -> str:
+def describe_checkpoint(state: dict[str, torch.Tensor], source: str | os.PathLike = "checkpoint") -> str:
+    """The config ``state`` needs, as the flags a trainer takes (``MiniMindConfig.describe``)."""
     try:
         return config_for_state_dict(state, source).describe()
     except ValueError:
         return "(not a MiniMind checkpoint: no model.embed_tokens.weight / model.layers.* tensors)"
 
 
-def load_tokenizer(path: str | os.PathLike | None = None):
+def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """The shipped tokenizer (``model/``) or another folder, e.g. MiniMind's own (needed for MiniMind's weights)."""
     from transformers import AutoTokenizer
 
@@ -285,7 +301,7 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     rope_scaling: dict | None = None,
-):
+) -> tuple[MiniMindForCausalLM, PreTrainedTokenizerBase]:
     """The model (eval mode, on ``device``) and its tokenizer, from any of:
 
     - a stage name, as MiniMind names checkpoints: ``"full_sft"`` -> ``<directory>/full_sft_512.pth`` (the shape
@@ -304,15 +320,19 @@ def load_model(
     ``rope_scaling``: e.g. ``YARN_16X`` to extend the context at inference (MiniMind's --inference_rope_scaling).
     """
     from model.generation import stop_token_ids
-    from model.model_minimind import MiniMindForCausalLM
 
     source = find_weights(weight, hidden_size=hidden_size, use_moe=use_moe, preset=preset, directory=directory)
     if source.is_dir():
         config, state = read_transformers_folder(source)
     else:
         state = read_state_dict(source)
-        config = config_for_state_dict(state, source, hidden_size=hidden_size,
-                                       num_hidden_layers=num_hidden_layers, use_moe=use_moe, preset=preset)
+        config = config_for_state_dict(state, source, preset=preset)
+        # The file decides the shape; size flags that disagree with it only get a note.
+        typed = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
+        for flag, value in typed.items():
+            if value is not None and value != getattr(config, flag):
+                print(f"note: {source} has --{flag} {int(getattr(config, flag))}, not {int(value)}: using the file's "
+                      "shape", file=sys.stderr)
     if rope_scaling:
         config.rope_scaling = rope_scaling
     model = MiniMindForCausalLM(config)
@@ -335,6 +355,12 @@ def load_model(
     return model, tok
 
 
+def looks_like_path(text: str) -> bool:
+    """Whether a --weight / --lora_weight value is a file path (a weights suffix or a folder in it) rather than a
+    name such as ``full_sft`` that the naming scheme turns into a path."""
+    return Path(text).suffix in WEIGHT_SUFFIXES or "/" in text or os.sep in text
+
+
 def find_weights(
     weight: str | os.PathLike,
     hidden_size: int | None = None,
@@ -344,26 +370,46 @@ def find_weights(
 ) -> Path:
     """The file or folder ``weight`` names; a missing one fails naming the path and the command that makes it."""
     text = str(weight)
-    if Path(text).suffix in WEIGHT_SUFFIXES or "/" in text or os.sep in text or Path(text).expanduser().exists():
+    if looks_like_path(text) or Path(text).expanduser().exists():
         path = resolve_path(text)
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         return path
-    stage = text
     shape = dict(PRESETS[preset]) if preset else {}
     shape.update({k: v for k, v in (("hidden_size", hidden_size), ("use_moe", use_moe)) if v is not None})
     shape.setdefault("hidden_size", 512)
-    path = checkpoint_path(stage, MiniMindConfig(**shape), directory)
+    path = checkpoint_path(text, MiniMindConfig(**shape), directory)
     if path.is_file():
         return path
-    others = sorted(p for p in path.parent.glob(f"{stage}_*.pth") if re.fullmatch(rf"{re.escape(stage)}_\d+(_moe)?\.pth", p.name))
+    others = _stage_files(path.parent, text)
     if len(others) == 1 and hidden_size is None and use_moe is None and preset is None:
-        print(f"note: using {others[0]} (the only {stage} checkpoint there)", file=sys.stderr)
-        return others[0]
+        print(f"note: using {others[0][0]} (the only {text} checkpoint there)", file=sys.stderr)
+        return others[0][0]
+    raise FileNotFoundError(_missing_checkpoint_message(path, text, others, shape, directory))
+
+
+# MiniMind's checkpoint names: <stage>_<hidden>[_moe].pth
+_STAGE_FILE = re.compile(r"(?P<stage>.+)_(?P<hidden>\d+)(?P<moe>_moe)?\.pth")
+
+
+def _stage_files(folder: Path, stage: str) -> list[tuple[Path, str, bool]]:
+    """The checkpoints of ``stage`` in ``folder``, each with its hidden size (as the name writes it) and whether it
+    is MoE."""
+    files = []
+    for path in sorted(folder.glob("*.pth")):
+        match = _STAGE_FILE.fullmatch(path.name)
+        if match and match["stage"] == stage:
+            files.append((path, match["hidden"], bool(match["moe"])))
+    return files
+
+
+def _missing_checkpoint_message(path: Path, stage: str, others: list[tuple[Path, str, bool]], shape: dict[str, Any],
+                                directory: str | os.PathLike | None) -> str:
+    """Why ``stage`` has no checkpoint at ``path``: the other sizes there, the command that trains it (or, for a name
+    no trainer uses, the checkpoints there), and the other ways to get weights."""
     lines = [f"no checkpoint {path}."]
-    for other in others:
-        hidden, moe = re.fullmatch(rf"{re.escape(stage)}_(\d+)(_moe)?\.pth", other.name).groups()
-        lines.append(f"Found {other}: load it with --hidden_size {hidden} --use_moe {int(bool(moe))}")
+    for other, hidden, moe in others:
+        lines.append(f"Found {other}: load it with --hidden_size {hidden} --use_moe {int(moe)}")
     flags = f"--hidden_size {shape['hidden_size']} --use_moe {int(bool(shape.get('use_moe')))}"
     if stage in TRAIN_SCRIPTS:
         where = f" --out_dir {directory}" if directory else " (add --out_dir if you train elsewhere)"
@@ -374,40 +420,23 @@ def find_weights(
                      f"--save_weight). Checkpoints in {path.parent}: {', '.join(there) or 'none'}.")
     lines.append("Or put MiniMind's released .pth there (ModelScope gongjy/minimind-3-pytorch), or pass a path or a "
                  "transformers folder (eval_llm.py --load_from DIR).")
-    raise FileNotFoundError("\n".join(lines))
+    return "\n".join(lines)
 
 
 def config_for_state_dict(
     state: dict[str, torch.Tensor],
     source: str | os.PathLike = "checkpoint",
-    hidden_size: int | None = None,
-    num_hidden_layers: int | None = None,
-    use_moe: bool | None = None,
     preset: str | None = None,
 ) -> MiniMindConfig:
     """The config that fits ``state``: its shape read off the tensors; the rest from the config ``save_weights`` wrote
-    beside the file, else from the preset (given, or the one of the same shape). Typed shape flags that disagree with
-    the file get a note: the file wins."""
+    beside the file, else from the preset (given, or the one of the same shape)."""
     try:
-        found = infer_config_from_state_dict(state)
+        found = shape_of_state_dict(state)
     except (KeyError, ValueError, IndexError):
         raise ValueError(f"{source} is not a MiniMind checkpoint (no model.embed_tokens.weight / model.layers.* "
                          "tensors); a LoRA file goes to --lora_weight") from None
-    for flag, value in (("hidden_size", hidden_size), ("num_hidden_layers", num_hidden_layers), ("use_moe", use_moe)):
-        if value is not None and value != found[flag]:
-            print(f"note: {source} has --{flag} {int(found[flag])}, not {int(value)}: using the file's shape",
-                  file=sys.stderr)
     saved = _saved_config(source, found)
-    if saved is not None:
-        return saved
-    fields = {**(PRESETS[preset] if preset else _preset_of_shape(found)), **found}
-    # Heads: with q/k-norm the file tells head_dim; otherwise it cannot, and MiniMind's 8 heads (or the preset's)
-    # are assumed, as every trainer here builds them.
-    head_dim = fields.get("head_dim") or fields["hidden_size"] // fields.get("num_attention_heads", 8)
-    fields["head_dim"] = head_dim
-    fields["num_attention_heads"] = state["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim
-    fields["num_key_value_heads"] = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
-    return MiniMindConfig(**fields)
+    return saved if saved is not None else _config_from_preset(state, found, preset)
 
 
 def _saved_config(source: str | os.PathLike, found: dict[str, Any]) -> MiniMindConfig | None:
@@ -427,9 +456,23 @@ def _saved_config(source: str | os.PathLike, found: dict[str, Any]) -> MiniMindC
     return config
 
 
+def _config_from_preset(state: dict[str, torch.Tensor], found: dict[str, Any], preset: str | None) -> MiniMindConfig:
+    """The tensors' shape ``found`` over the fields of ``preset`` (or of the preset of that shape), heads included."""
+    fields = {**(PRESETS[preset] if preset else _preset_of_shape(found)), **found}
+    # Heads: with q/k-norm the file tells head_dim; otherwise it cannot, and MiniMind's 8 heads (or the preset's)
+    # are assumed, as every trainer here builds them.
+    head_dim = fields.get("head_dim") or fields["hidden_size"] // fields.get("num_attention_heads", 8)
+    fields["head_dim"] = head_dim
+    fields["num_attention_heads"] = state["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim
+    fields["num_key_value_heads"] = state["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim
+    return MiniMindConfig(**fields)
+
+
 def _preset_of_shape(found: dict[str, Any]) -> dict[str, Any]:
     """The preset with the shape read off a checkpoint (hidden, layers, MoE, q/k-norm, shared experts), or {}."""
     keys = ("hidden_size", "num_hidden_layers", "use_moe", "qk_norm", "n_shared_experts")
+    # A field a preset leaves out: use_moe/qk_norm mean off; n_shared_experts matches anything (dense presets omit
+    # it, and only MoE files have a count to compare).
     defaults = dict(use_moe=False, qk_norm=False, n_shared_experts=found.get("n_shared_experts"))
     for preset in PRESETS.values():
         if all(preset.get(k, defaults.get(k)) == found.get(k) for k in keys):
@@ -441,8 +484,7 @@ def _merge_lora_file(model: nn.Module, lora: str | os.PathLike, directory: str |
     from model.model_lora import load_lora, lora_path, merge_lora
 
     text = str(lora)
-    is_path = Path(text).suffix in WEIGHT_SUFFIXES or "/" in text or os.sep in text
-    path = resolve_path(text) if is_path else lora_path(text, model.config, directory)
+    path = resolve_path(text) if looks_like_path(text) else lora_path(text, model.config, directory)
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file {path}. Make it with: python trainer/train_lora.py --lora_name {text} "
                                 f"--hidden_size {model.config.hidden_size} --use_moe {int(model.config.use_moe)}")
@@ -493,7 +535,7 @@ def config_from_transformers(hf: Any) -> MiniMindConfig:
                           rope_scaling={"type": "yarn", **rope} if rope_type == "yarn" else None)
 
 
-def config_to_transformers(config: MiniMindConfig):
+def config_to_transformers(config: MiniMindConfig) -> LlamaConfig | Qwen3Config:
     """Our dense config as a stock ``LlamaConfig`` (or ``Qwen3Config`` with q/k-norm), transformers-5 fields."""
     from transformers import LlamaConfig, Qwen3Config
 
@@ -517,7 +559,8 @@ def config_to_transformers(config: MiniMindConfig):
     return LlamaConfig(**fields, mlp_bias=False)
 
 
-def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
+                      dtype: torch.dtype = torch.float32) -> Path:
     """Write ``model`` as a transformers folder: safetensors, config, generation config, tokenizer, chat template.
 
     Dense models become a stock ``LlamaForCausalLM`` (q/k-norm: ``Qwen3ForCausalLM``), loadable by
@@ -574,13 +617,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--weight", default="full_sft",
                    help="stage name (out/<weight>_<hidden>[_moe].pth: pretrain, full_sft, dpo, ...) or a .pth path")
     g.add_argument("--load_from", default="model",
-                   help="'model': our .pth weights (--weight); else a transformers folder (save_pretrained / converted)")
+                   help="'model': our .pth weights (--weight); else a transformers folder "
+                        "(save_pretrained / converted)")
     g.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (names the file like its flags)")
     g.add_argument("--hidden_size", type=int, default=None, help="picks the file suffix (default 512)")
     g.add_argument("--num_hidden_layers", type=int, default=None, help="optional: the file's own shape is used")
     g.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="picks the _moe file (default 0)")
-    g.add_argument("--lora_weight", default="None", help="LoRA name (out/lora/lora_<name>_<hidden>.pth) or path")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the transformers folder's, else model/)")
+    g.add_argument("--lora_weight", default=None, help="LoRA name (out/lora/lora_<name>_<hidden>.pth) or path")
+    g.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder (default: the transformers folder's, else model/)")
     g.add_argument("--out_dir", "--save_dir", dest="out_dir", default=None,
                    help="where stage names are looked up (default: out/ in the repo)")
     g.add_argument("--inference_rope_scaling", action="store_true", help="YaRN x16 context extension (长文本外推)")
@@ -590,13 +635,21 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def model_from_args(args: argparse.Namespace):
+def weight_arg(args: argparse.Namespace) -> str:
+    """The weights the flags of ``add_model_args`` name: --load_from's folder, else --weight."""
+    return args.weight if args.load_from == "model" else args.load_from
+
+
+def lora_arg(args: argparse.Namespace) -> str | None:
+    """--lora_weight, None for no LoRA (MiniMind's scripts pass the word "None")."""
+    return None if args.lora_weight in (None, "", "None", "none") else args.lora_weight
+
+
+def model_from_args(args: argparse.Namespace) -> tuple[MiniMindForCausalLM, PreTrainedTokenizerBase]:
     """``load_model`` with the flags of ``add_model_args``."""
-    lora = None if args.lora_weight in (None, "", "None", "none") else args.lora_weight
     return load_model(
-        args.weight if args.load_from == "model" else args.load_from,
-        hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-        use_moe=None if args.use_moe is None else bool(args.use_moe), preset=args.preset, lora=lora,
+        weight_arg(args), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        use_moe=None if args.use_moe is None else bool(args.use_moe), preset=args.preset, lora=lora_arg(args),
         tokenizer=args.tokenizer, directory=args.out_dir, device=args.device, dtype=args.dtype,
         rope_scaling=YARN_16X if args.inference_rope_scaling else None,
     )

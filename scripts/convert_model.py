@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from model.export_gguf import save_gguf
-from model.loading import (add_model_args, checkpoint_path, model_from_args, out_dir, resolve_path, save_transformers,
-                           save_weights)
+from model.loading import (add_model_args, checkpoint_path, lora_arg, model_from_args, out_dir, resolve_path,
+                           save_transformers, save_weights, weight_arg)
 
 
 def main() -> None:
@@ -51,12 +51,14 @@ def main() -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if target == "pth":
-        output = resolve_path(args.output) if args.output else checkpoint_path(args.save_weight, model.config, args.out_dir)
+        output = (resolve_path(args.output) if args.output
+                  else checkpoint_path(args.save_weight, model.config, args.out_dir))
     else:
-        source = Path(str(args.load_from if args.load_from != "model" else args.weight))
+        source = Path(str(weight_arg(args)))
         # a stage name or a path: name the output after the checkpoint file
         stem = source.stem if source.suffix or len(source.parts) > 1 else f"{source}_{model.config.suffix}"
-        stem += f"_{Path(str(args.lora_weight)).stem}" if args.lora_weight not in (None, "None", "none", "") else ""
+        lora = lora_arg(args)
+        stem += f"_{Path(lora).stem}" if lora else ""
         default = f"{stem}.gguf" if target == "gguf" else f"{stem}-hf"
         output = resolve_path(args.output) if args.output else out_dir(args.out_dir) / default
     if output.exists() and not args.overwrite:
@@ -72,7 +74,8 @@ def main() -> None:
         print(f"wrote {output}; chat: llama-cli -m {output} -cnv   (Ollama: see README)")
     else:
         save_transformers(model, tokenizer, output, getattr(torch, args.save_dtype or "float32"))
-        kind = "minimind (trust_remote_code)" if model.config.use_moe else ("qwen3" if model.config.qk_norm else "llama")
+        kind = ("minimind (trust_remote_code)" if model.config.use_moe
+                else "qwen3" if model.config.qk_norm else "llama")
         print(f"wrote {output} ({kind}); chat: python eval_llm.py --load_from {output}")
 
 

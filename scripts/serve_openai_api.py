@@ -201,8 +201,8 @@ class RequireApiKey:
         if scope["type"] == "http":
             sent = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(sent, self.expected):
-                response = error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                                          code="invalid_api_key")
+                response = error_response(401, "missing or wrong API key: send the header "
+                                               "'Authorization: Bearer <key>'", code="invalid_api_key")
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
@@ -378,7 +378,8 @@ def main() -> None:
         raise SystemExit(f"error: {e}") from None
     print(f"{model.params_summary()} on {model.device}; serving http://{args.host}:{args.port}/v1", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use it", flush=True)
+        print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use it",
+              flush=True)
     app = create_app(model, tokenizer, args.model_name, args.max_tokens, api_key=args.api_key)
     uvicorn.run(app, host=args.host, port=args.port)
 

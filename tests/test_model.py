@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import infer_config_from_state_dict, load_weights, save_weights
+from model.loading import load_weights, save_weights, shape_of_state_dict
 from model.model_minimind import rope_inv_freq
 
 
@@ -188,7 +188,7 @@ def test_minimind_half_precision_pth_loads_strictly(tiny, tmp_path):
     fresh = load_weights(MiniMindForCausalLM(tiny()), path)
     ids = torch.randint(0, 6400, (1, 9))
     torch.testing.assert_close(fresh.eval()(ids).logits, model(ids).logits, atol=5e-2, rtol=5e-2)
-    assert infer_config_from_state_dict(state)["hidden_size"] == 64
+    assert shape_of_state_dict(state)["hidden_size"] == 64
 
 
 def test_wrong_shape_checkpoint_names_parameter_and_needed_config(tiny, tmp_path):

@@ -35,7 +35,7 @@ from dataset import DataError, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
 from model.loading import (CheckpointMismatch, checkpoint_path, load_state_dict_into, load_tokenizer, load_weights,
-                           out_dir, resolve_path, save_transformers, save_weights)
+                           looks_like_path, out_dir, resolve_path, save_transformers, save_weights)
 from trainer.args import model_config
 from trainer.checkpoint import load_resume, resume_path, save_resume, set_rng_state, shape_of
 from trainer.logger import make_logger
@@ -106,7 +106,7 @@ def load_start_weights(model: nn.Module, from_weight: str, directory: str | None
     """--from_weight: ``none``, a stage name (``pretrain`` -> <directory>/pretrain_<suffix>.pth) or a file path."""
     if from_weight.lower() == "none":
         return
-    is_path = from_weight.endswith((".pth", ".safetensors")) or "/" in from_weight or "\\" in from_weight
+    is_path = looks_like_path(from_weight)
     path = resolve_path(from_weight) if is_path else checkpoint_path(from_weight, model.config, directory)
     if not path.is_file():
         shape = model.config.describe().split(" (")[0]
