@@ -4,8 +4,9 @@ Nothing here holds a data file in RAM, so multi-GB jsonl files cost the same mem
 - pretrain files are tokenised once into a uint16 token file (np.memmap) + document offsets, cached on disk;
 - SFT / DPO files are indexed once (byte offset of every line) and each row is read, rendered with the
   tokenizer's chat template and tokenised lazily in __getitem__.
-Caches live in `<dir of the data file>/.cache/` (`~/.cache/minimind-lab/` when that folder is read-only), keyed by the source file (path, size, mtime), the tokenizer and
-the format version, written atomically and built by one process while the others (DDP ranks) wait on a file lock.
+Caches live in `<dir of the data file>/.cache/` (`~/.cache/minimind-lab/` when that folder is read-only), keyed by
+the source file (path, size, mtime), the tokenizer and the format version, written atomically and built by one
+process while the others (DDP ranks) wait on a file lock.
 
 Items are dicts of 1-D LongTensors, `input_ids` and `labels` (aligned: the model shifts internally; -100 = no
 loss). `pad_collate` batches them.
@@ -18,9 +19,10 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -32,10 +34,14 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "dataset"
+USER_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minimind-lab"
 IGNORE_INDEX = -100
-# Bump a kind's version when what its cache files hold changes (lines 2: blank lines of spaces or "\r" are no rows).
+# Bump a kind's version when its cache files would hold something else for the same source and key (another
+# layout, other rows or tokens): older caches then stop matching, are rebuilt, and clean_cache.py lists them.
 CACHE_VERSIONS = {"tokens": 1, "lines": 2}
-TOKENIZE_BATCH_BYTES = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
+TOKENIZE_BATCH_CHARS = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
+INDEX_FLUSH_ROWS = 1 << 16  # line offsets the indexer holds in RAM before writing them out
+PROGRESS_EVERY_LINES = 4096  # a progress bar update per line slows reading by ~40%
 DOWNLOAD_HINT = "python scripts/download_data.py {name}; --list shows every file"
 # MiniMind's published data files (ModelScope gongjy/minimind_dataset, HF jingyaogong/minimind_dataset).
 # name: (approximate size, what it is for). Sizes are as published by MiniMind and only shown to help you
@@ -61,15 +67,6 @@ KNOWN_FILES = {
     "lora_identity.jsonl": ("23 KB", "LoRA demo: the model's self-introduction"),
     "lora_medical.jsonl": ("34 MB", "LoRA demo: medical Q&A"),
 }
-
-
-def _json_problem(e: ValueError) -> str:
-    """A JSON or encoding error without the parser's "line 2" (the row's newline), which would contradict file:line."""
-    return f"{e.msg} at character {e.pos + 1} of the line" if isinstance(e, json.JSONDecodeError) else str(e)
-
-
-class DataError(ValueError):
-    """A data row that cannot be used; the message names the file and the 1-based line number."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -112,6 +109,78 @@ def resolve_data_path(data_path: str | os.PathLike | None, default_names: list[s
 
 
 # ----------------------------------------------------------------------------------------------------------
+# reading jsonl files
+
+
+class DataError(ValueError):
+    """A data row that cannot be used; the message names the file and the 1-based line number."""
+
+
+def _nonblank_lines(path: str | os.PathLike, desc: str | None = None) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, 1-based line number, raw bytes) of every line of `path` that is a row, read lazily.
+
+    A blank line (empty, or only whitespace such as spaces, tabs or the "\\r" of a Windows file) is no row but still
+    counts for line numbers, so that errors name the line an editor shows. `desc` shows a progress bar.
+    """
+    with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True, desc=desc,
+                                     disable=desc is None) as bar:
+        offset = 0
+        for lineno, raw in enumerate(f, 1):
+            if raw.strip():
+                yield offset, lineno, raw
+            offset += len(raw)
+            if lineno % PROGRESS_EVERY_LINES == 0:
+                bar.update(offset - bar.n)
+        bar.update(offset - bar.n)
+
+
+def _load_json(raw: bytes, where: str) -> Any:
+    """Parse one jsonl line; ``where`` (its file:line) names it in the error."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        # without the parser's "line 2" (the row's newline), which would contradict file:line
+        problem = f"{e.msg} at character {e.pos + 1} of the line" if isinstance(e, json.JSONDecodeError) else str(e)
+        raise DataError(f"{where}: malformed JSON ({problem})") from None
+
+
+def _preview(obj: Any, width: int = 80) -> str:
+    text = json.dumps(obj, ensure_ascii=False) if not isinstance(obj, str) else obj
+    return text if len(text) <= width else text[:width] + "..."
+
+
+def _document_text(raw: bytes, where: str) -> str:
+    """The text of one pretraining row ``{"text": ...}``."""
+    row = _load_json(raw, where)
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        raise DataError(f"{where}: expected an object with a string 'text', got {_preview(row)}")
+    if not text.strip():
+        raise DataError(f"{where}: empty 'text'")
+    return text
+
+
+def iter_documents(path: str | os.PathLike, skip_bad_lines: bool = False, skipped: list[DataError] | None = None,
+                   desc: str | None = None) -> Iterator[str]:
+    """The text of every row ``{"text": ...}`` of a pretraining jsonl file, read lazily.
+
+    A bad row raises DataError naming `path:line`; with skip_bad_lines it is logged, appended to `skipped` (when
+    given) and passed over instead. `desc` shows a progress bar over the file's bytes.
+    """
+    for _, lineno, raw in _nonblank_lines(path, desc):
+        try:
+            text = _document_text(raw, f"{path}:{lineno}")
+        except DataError as e:
+            if not skip_bad_lines:
+                raise
+            log.warning("skipping %s", e)
+            if skipped is not None:
+                skipped.append(e)
+            continue
+        yield text
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the on-disk cache
 
 
@@ -126,9 +195,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     else:
         spec = sorted(tokenizer.get_vocab().items())
     return hashlib.sha256(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-USER_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minimind-lab"
 
 
 def default_cache_dir(source: Path) -> Path:
@@ -202,63 +268,21 @@ def cache_files(meta_file: Path) -> list[Path]:
     return [f for f in sorted(meta_file.parent.glob(glob.escape(stem) + ".*")) if f != meta_file] + [meta_file]
 
 
-INDEX_CHUNK_BYTES = 16 << 20  # how much of a jsonl file the indexer reads at a time
-BLANK_BYTES = np.frombuffer(b" \t\r\f\v", np.uint8)  # what a blank line may hold besides its "\n"
-
-
-def _line_index(tmp: dict[str, Path], source: Path) -> dict:
-    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`.
-
-    Blank lines (empty, or only spaces / tabs / "\r") are not rows but still count for line numbers. A JSON row
-    starts with "{", so only lines that start with whitespace are looked at closely (in Python).
-    """
-    n_rows = lineno = offset = 0
-    with open(source, "rb") as f, open(tmp["lines"], "wb") as out, \
-            tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=f"indexing {source.name}") as bar:
-        line_start, pending = 0, False  # pending: the line running on from earlier chunks has a non-blank byte
-        while chunk := f.read(INDEX_CHUNK_BYTES):
-            data = np.frombuffer(chunk, np.uint8)
-            ends = offset + np.flatnonzero(data == ord("\n"))
-            if len(ends):
-                starts = np.concatenate([[line_start], ends[:-1] + 1])
-                keep = ends > starts
-                look = keep & np.isin(data[np.maximum(starts - offset, 0)], BLANK_BYTES)
-                look[0] |= keep[0] and starts[0] < offset  # a line from an earlier chunk: its start is not in `data`
-                for j in np.flatnonzero(look):
-                    begin, end = int(starts[j]) - offset, int(ends[j]) - offset
-                    if begin < 0:  # the line began in an earlier chunk
-                        keep[j] = pending or bool(chunk[:end].strip())
-                    else:
-                        keep[j] = bool(chunk[begin:end].strip())
-                rows = np.stack([starts[keep], lineno + 1 + np.flatnonzero(keep)], axis=1).astype(np.int64)
-                out.write(rows.tobytes())
-                n_rows, lineno, line_start = n_rows + len(rows), lineno + len(ends), int(ends[-1]) + 1
-            began_here = line_start >= offset
-            pending = (pending and not began_here) or bool(chunk[max(line_start - offset, 0):].strip())
-            offset += len(chunk)
-            bar.update(len(chunk))
-        if line_start < offset and pending:  # a last line without "\n"
-            out.write(np.array([[line_start, lineno + 1]], np.int64).tobytes())
-            n_rows += 1
-    return {"rows": n_rows}
-
-
 # ----------------------------------------------------------------------------------------------------------
 # pretraining
 
 
-def read_document(raw: bytes, where: str) -> str:
-    """The text of one pretraining row ``{"text": ...}`` (``where``: its file:line, for the error)."""
-    try:
-        row = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: malformed JSON ({_json_problem(e)})") from None
-    text = row.get("text") if isinstance(row, dict) else None
-    if not isinstance(text, str):
-        raise DataError(f"{where}: expected an object with a string 'text', got {_preview(row)}")
-    if not text.strip():
-        raise DataError(f"{where}: empty 'text'")
-    return text
+def _text_batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
+    """Group `texts` into lists of about `max_chars` characters (a longer text makes a batch of its own)."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 class PretrainDataset(Dataset):
@@ -279,7 +303,8 @@ class PretrainDataset(Dataset):
                  cache_dir: str | os.PathLike | None = None, skip_bad_lines: bool = False, doc_mask: bool = False):
         if mode not in ("pack", "pad"):
             raise ValueError(f"mode must be 'pack' or 'pad', got {mode!r}")
-        self.path, self.max_seq_len, self.mode, self.doc_mask = Path(path), max_seq_len, mode, doc_mask and mode == "pack"
+        self.path, self.max_seq_len, self.mode = Path(path), max_seq_len, mode
+        self.doc_mask = doc_mask and mode == "pack"
         if not self.path.is_file():
             raise FileNotFoundError(f"pretrain data not found: {self.path.resolve()}. Download it with: "
                                     + DOWNLOAD_HINT.format(name=self.path.name))
@@ -297,49 +322,30 @@ class PretrainDataset(Dataset):
         self._tokens = self._doc_ends = None  # mapped lazily, once per process (DataLoader workers)
 
     def _tokenize(self, tmp: dict[str, Path], tokenizer: Any, skip_bad_lines: bool) -> dict:
-        """Stream the jsonl in batches through the fast tokenizer into the token file; doc end offsets aside."""
-        n_tokens = n_docs = skipped = 0
-        texts: list[str] = []
-
-        def flush() -> None:
-            nonlocal n_tokens, n_docs
-            if not texts:
-                return
-            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-            flat: list[int] = []
-            for doc in ids:
-                flat.extend(doc)
-                flat.append(self.sep_id)
-            ends = n_tokens + np.cumsum([len(doc) + 1 for doc in ids], dtype=np.int64)
-            f_bin.write(np.asarray(flat, dtype=self.dtype).tobytes())
-            f_docs.write(ends.tobytes())
-            n_tokens, n_docs = int(ends[-1]), n_docs + len(ids)
-            texts.clear()
-
-        with open(self.path, "rb") as f, open(tmp["bin"], "wb") as f_bin, open(tmp["docs"], "wb") as f_docs, \
-                tqdm(total=self.path.stat().st_size, unit="B", unit_scale=True,
-                     desc=f"tokenizing {self.path.name}") as bar:
-            pending = 0
-            for lineno, raw in enumerate(f, 1):
-                pending += len(raw)
-                if not raw.strip():
-                    continue
-                try:
-                    texts.append(read_document(raw, f"{self.path}:{lineno}"))
-                except DataError as e:
-                    if not skip_bad_lines:
-                        raise
-                    skipped += 1
-                    log.warning("skipping %s", e)
-                if pending >= TOKENIZE_BATCH_BYTES:
-                    flush()
-                    bar.update(pending)
-                    pending = 0
-            flush()
-            bar.update(pending)
+        """Build the cache: the token stream (each document + the separator) and each document's end offset in it."""
+        skipped: list[DataError] = []
+        documents = iter_documents(self.path, skip_bad_lines, skipped, desc=f"tokenizing {self.path.name}")
+        n_tokens = n_docs = 0
+        with open(tmp["bin"], "wb") as f_bin, open(tmp["docs"], "wb") as f_docs:
+            for texts in _text_batches(documents, TOKENIZE_BATCH_CHARS):  # batches: the fast tokenizer is parallel
+                ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                n_tokens = self._append_documents(ids, n_tokens, f_bin, f_docs)
+                n_docs += len(ids)
         if n_docs == 0:
             raise DataError(f"{self.path}: no documents")
-        return {"tokens": n_tokens, "docs": n_docs, "skipped": skipped}
+        return {"tokens": n_tokens, "docs": n_docs, "skipped": len(skipped)}
+
+    def _append_documents(self, ids: list[list[int]], n_tokens: int, f_bin: BinaryIO, f_docs: BinaryIO) -> int:
+        """Append documents (each + the separator) to the token file, their end offsets to the docs file; return
+        the new number of tokens."""
+        stream: list[int] = []
+        for doc in ids:
+            stream += doc
+            stream.append(self.sep_id)
+        ends = n_tokens + np.cumsum([len(doc) + 1 for doc in ids], dtype=np.int64)
+        f_bin.write(np.asarray(stream, dtype=self.dtype).tobytes())
+        f_docs.write(ends.tobytes())
+        return int(ends[-1])
 
     def _map(self) -> None:
         self._tokens = np.memmap(self.files["bin"], dtype=self.dtype, mode="r")
@@ -381,9 +387,15 @@ class PretrainDataset(Dataset):
 # chat data: SFT and DPO
 
 
-def _preview(obj: Any, width: int = 80) -> str:
-    text = json.dumps(obj, ensure_ascii=False) if not isinstance(obj, str) else obj
-    return text if len(text) <= width else text[:width] + "..."
+def _line_index(tmp: dict[str, Path], source: Path) -> dict:
+    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`."""
+    rows = ((offset, lineno) for offset, lineno, _ in _nonblank_lines(source, desc=f"indexing {source.name}"))
+    n_rows = 0
+    with open(tmp["lines"], "wb") as out:
+        while block := list(islice(rows, INDEX_FLUSH_ROWS)):  # in blocks: a multi-GB file has millions of rows
+            np.array(block, dtype=np.int64).tofile(out)
+            n_rows += len(block)
+    return {"rows": n_rows}
 
 
 def _json_field(value: Any, what: str, where: str) -> list:
@@ -438,10 +450,14 @@ class _ChatRows(Dataset):
     Every assistant turn is supervised from just after `<|im_start|>assistant\\n` up to and including its
     `<|im_end|>` (reasoning and tool calls included: they are inside the turn); the "\\n" after it is template
     glue that generation never produces, so it is not. System, user and tool turns are never supervised.
+
+    Rows longer than `max_seq_len` tokens are cut. With `skip_bad_lines` a bad row is logged and replaced by the
+    next good one instead of raising DataError. The line index is cached in `cache_dir` (default
+    `<data dir>/.cache/`).
     """
 
-    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool,
-                 cache_dir: str | os.PathLike | None):
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
+                 cache_dir: str | os.PathLike | None = None):
         self.path, self.tokenizer, self.max_seq_len = Path(path), tokenizer, max_seq_len
         self.skip_bad_lines, self.skipped = skip_bad_lines, 0
         if not self.path.is_file():
@@ -486,10 +502,7 @@ class _ChatRows(Dataset):
         offset, lineno = (int(x) for x in self._lines[i])
         where = f"{self.path}:{lineno}"
         self._file.seek(offset)
-        try:
-            return json.loads(self._file.readline()), where
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: malformed JSON ({_json_problem(e)})") from None
+        return _load_json(self._file.readline(), where), where
 
     def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
         """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""
@@ -552,10 +565,6 @@ class SFTDataset(_ChatRows):
     supervised token (all labels -100): the loss must not divide by zero tokens.
     """
 
-    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
-                 cache_dir: str | os.PathLike | None = None):
-        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir)
-
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         if not isinstance(row, dict) or "conversations" not in row:
             raise DataError(f"{where}: expected an object with a 'conversations' key, got {_preview(row)}")
@@ -568,10 +577,6 @@ class DPODataset(_ChatRows):
     Items hold chosen_input_ids / chosen_labels / rejected_input_ids / rejected_labels, labels masked like SFT
     (sequence log-probs are sums or means over the tokens whose label is not -100).
     """
-
-    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
-                 cache_dir: str | os.PathLike | None = None):
-        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir)
 
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:

@@ -174,14 +174,14 @@ def test_sft_errors_name_file_and_line(tok, tmp_path):
 
 def test_blank_lines_of_spaces_or_carriage_returns_are_not_rows(tok, tmp_path, monkeypatch):
     """A Windows-edited file (\\r\\n, blank lines "\\r\\n") and lines of spaces: every real row, right line numbers,
-    also where a blank line straddles the boundary of two read chunks (a tiny chunk size puts one everywhere)."""
+    also when the index is written out in blocks of a few rows."""
     good = json.dumps({"conversations": CHAT})
     lines = [good, " " * 40, "\r", good, "", " \t \r", "   " + good, good, "  "]  # rows at lines 1, 4, 7 and 8
     path = tmp_path / "sft.jsonl"
     path.write_bytes("\r\n".join(lines).encode())
-    for chunk_size in (16 << 20, 1, 3, 7):
-        monkeypatch.setattr(lm, "INDEX_CHUNK_BYTES", chunk_size)
-        ds = SFTDataset(path, tok, max_seq_len=512, cache_dir=tmp_path / f"cache{chunk_size}")
+    for block_rows in (1 << 16, 1, 3):
+        monkeypatch.setattr(lm, "INDEX_FLUSH_ROWS", block_rows)
+        ds = SFTDataset(path, tok, max_seq_len=512, cache_dir=tmp_path / f"cache{block_rows}")
         assert np.fromfile(ds.files["lines"], np.int64).reshape(-1, 2)[:, 1].tolist() == [1, 4, 7, 8]
         assert all(ds[i]["input_ids"].tolist() == ds[0]["input_ids"].tolist() for i in range(4))
 
@@ -389,7 +389,7 @@ def test_resolve_data_path(tmp_path, monkeypatch, capsys):
     assert resolve_data_path("dataset/sft_mini_512.jsonl", [], "x") == old
 
 
-# ---------------------------------------------------------------------------------------------------- the real tokenizer
+# ------------------------------------------------------------------------------------------------ the real tokenizer
 
 needs_tokenizer = pytest.mark.skipif(not (MODEL_DIR / "tokenizer.json").is_file(),
                                      reason="model/tokenizer.json absent")

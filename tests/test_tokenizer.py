@@ -220,14 +220,15 @@ def write_corpus(path: Path, lines: list[str]) -> Path:
 
 def test_train_tokenizer_names_the_bad_corpus_line(tmp_path):
     from dataset import DataError
-    from trainer.train_tokenizer import jsonl_corpus, main
+    from dataset.lm_dataset import iter_documents
+    from trainer.train_tokenizer import main
 
     ok = json.dumps({"text": EN})
     for bad, says in [('{"text": "cut', "malformed JSON"), ('{"txt": "x"}', "string 'text'"),
                       ('{"text": 3}', "string 'text'")]:
         corpus = write_corpus(tmp_path / "corpus.jsonl", [ok, "", bad])  # the blank line still counts
         with pytest.raises(DataError, match=f"corpus.jsonl:3: .*{says}"):
-            list(jsonl_corpus(corpus))
+            list(iter_documents(corpus))
         with pytest.raises(SystemExit) as stop:  # main prints one line, no traceback
             main(["--corpus", str(corpus), "--out_dir", str(tmp_path / "tok"), "--vocab_size", "300"])
         assert f"{corpus}:3: " in str(stop.value.code)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dataset.lm_dataset import DataError, read_document
+from dataset.lm_dataset import DataError, iter_documents
 from dataset.sources import chatterbot_dialogues, fetch_sources
 from model.loading import resolve_path
 
@@ -160,16 +160,6 @@ def default_corpus(sources: dict[str, Path]) -> Iterator[str]:
     yield from python_sources()
 
 
-def jsonl_corpus(path: Path) -> Iterator[str]:
-    """The `text` field of every line of a jsonl file (MiniMind's pretrain format), read lazily.
-
-    A line that is not a JSON object with a non-empty string "text" raises DataError naming `path:line`."""
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield read_document(line, f"{path}:{lineno}")
-
-
 def train(texts: Iterator[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE with the special tokens at ids 0-8 and GPT-2's pre-tokenizer."""
     tokenizer = Tokenizer(models.BPE())
@@ -266,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = resolve_path(args.out_dir) if args.out_dir else MODEL_DIR  # as the trainers resolve --out_dir
     start = time.time()
     try:
-        tokenizer = train(jsonl_corpus(corpus) if corpus else default_corpus(fetch_sources()), args.vocab_size)
+        tokenizer = train(iter_documents(corpus) if corpus else default_corpus(fetch_sources()), args.vocab_size)
         if not args.force:
             check_overwrite(tokenizer, out_dir)
     except (DataError, TokenizerError) as e:
