@@ -39,7 +39,7 @@ IGNORE_INDEX = -100
 # Bump a kind's version when its cache files would hold something else for the same source and key (another
 # layout, other rows or tokens): older caches then stop matching, are rebuilt, and clean_cache.py lists them.
 CACHE_VERSIONS = {"tokens": 1, "lines": 2}
-TOKENIZE_BATCH_CHARS = 2 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
+TOKENIZE_BATCH_CHARS = 1 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
 INDEX_FLUSH_ROWS = 1 << 16  # line offsets the indexer holds in RAM before writing them out
 PROGRESS_EVERY_LINES = 4096  # a progress bar update per line slows reading by ~40%
 DOWNLOAD_HINT = "python scripts/download_data.py {name}; --list shows every file"
