@@ -17,25 +17,33 @@ from collections.abc import Iterator
 from openai import APIError, OpenAI
 
 
+# A reasoning model's thinking is shown dimmed (on a terminal), and kept out of the history.
+DIM, PLAIN = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+
+
 def reply(client: OpenAI, args: argparse.Namespace, messages: list[dict[str, str]]) -> str | None:
     """Stream one reply to stdout; None when it failed (the error is printed) or Ctrl-C cut it short."""
     print("🤖: ", end="", flush=True)
-    text = ""
+    text, thinking = "", False
     try:
         stream = client.chat.completions.create(model=args.model, messages=messages, stream=True,
                                                 temperature=args.temperature, max_tokens=args.max_tokens)
         with stream:  # leaving early closes the connection: the server stops generating
             for chunk in stream:
-                piece = (chunk.choices[0].delta.content or "") if chunk.choices else ""  # a usage-only chunk has none
-                text += piece
-                print(piece, end="", flush=True)
+                delta = chunk.choices[0].delta if chunk.choices else None  # a usage-only chunk has none
+                if thought := getattr(delta, "reasoning_content", None):
+                    print(("" if thinking else f"{DIM}(thinking) ") + thought, end="", flush=True)
+                    thinking = True
+                if piece := delta and delta.content:
+                    print((f"{PLAIN}\n" if thinking else "") + piece, end="", flush=True)
+                    text, thinking = text + piece, False
     except KeyboardInterrupt:
-        print(" [interrupted]")
+        print(f"{PLAIN} [interrupted]")
         return None
     except APIError as e:
-        print(f"\nerror: {e}")
+        print(f"{PLAIN}\nerror: {e}")
         return None
-    print()
+    print(PLAIN if thinking else "")
     return text
 
 

@@ -11,6 +11,9 @@ Bad requests get an OpenAI-style error (``{"error": {"message", "type", "param",
 ``tools`` go into the prompt through the chat template; when the request has them, the reply's parseable
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks come back as ``tool_calls`` (finish_reason
 ``"tool_calls"``). ``stop`` strings end a reply before them. A client that hangs up stops its generation.
+
+A reply that opens with ``<think>…</think>`` (a model trained on reasoning_content, which the chat template renders
+so) comes back split, as DeepSeek's API does: the thinking as ``reasoning_content``, the answer as ``content``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 from typing import Any, Literal
 
@@ -40,6 +43,7 @@ from model.loading import add_model_args, model_from_args
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # how the chat template shows a call
 TOOL_CALL_START = "<tool_call>"
+THINK_START, THINK_END = "<think>", "</think>"  # how the chat template shows reasoning_content
 
 
 class FunctionCall(BaseModel):
@@ -151,6 +155,35 @@ class ReplyText:
         """The text not sent yet, less its parseable tool calls, and those calls in OpenAI's shape."""
         rest, self.sent = self.text[self.sent:], len(self.text)
         return split_tool_calls(rest) if self.tools else (rest, [])
+
+
+def split_reasoning(text: str, done: bool = True) -> tuple[str, str]:
+    """(reasoning, answer) of a reply: a leading ``<think>\\n…\\n</think>\\n\\n`` block is the reasoning, the rest is
+    the answer; a reply without one is all answer. Mid-reply (``done=False``) what may still change is held back (a
+    beginning that may become ``<think>``, an end that may become ``</think>``, trailing newlines), so each call's
+    result extends the previous one's."""
+    head = text.lstrip()
+    if not head.startswith(THINK_START):
+        return ("", "") if not done and THINK_START.startswith(head) else ("", text)
+    body = head[len(THINK_START):].lstrip("\n")
+    end = body.find(THINK_END)
+    if end >= 0:
+        return body[:end].rstrip("\n"), body[end + len(THINK_END):].lstrip("\n")
+    return (body if done else body[:len(body) - partial_marker(body, [THINK_END])]).rstrip("\n"), ""
+
+
+class ReasoningSplit:
+    """``split_reasoning`` as a reply streams in: ``feed`` returns the new (reasoning, answer) text to send."""
+
+    def __init__(self):
+        self.text, self.sent = "", (0, 0)
+
+    def feed(self, piece: str, done: bool = False) -> tuple[str, str]:
+        self.text += piece
+        reasoning, answer = split_reasoning(self.text, done)
+        new = reasoning[self.sent[0]:], answer[self.sent[1]:]
+        self.sent = len(reasoning), len(answer)
+        return new
 
 
 def partial_marker(text: str, markers: list[str]) -> int:
@@ -278,9 +311,12 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
                             return Response(status_code=499)  # nobody reads it
                         sent.append(piece)
             rest, calls = text.finish()
-            message = {"role": "assistant", "content": "".join(sent) + rest}
+            reasoning, answer = split_reasoning("".join(sent) + rest)
+            message = {"role": "assistant", "content": answer}
+            if reasoning:
+                message["reasoning_content"] = reasoning
             if calls:
-                message.update(content=message["content"].strip() or None, tool_calls=calls)
+                message.update(content=answer.strip() or None, tool_calls=calls)
             return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": name,
                     "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(stream, text, calls)}],
                     "usage": usage(stream)}
@@ -292,17 +328,26 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        def deltas(reasoning: str, answer: str) -> Iterator[str]:
+            if reasoning:
+                yield chunk({"reasoning_content": reasoning})
+            if answer:
+                yield chunk({"content": answer})
+
         async def events() -> AsyncIterator[str]:
             async with lock:
-                stream, text = start()
+                stream, text, split = *start(), ReasoningSplit()
                 async with aclosing(safe_text(stream, text)) as pieces:
                     yield chunk({"role": "assistant", "content": ""})
                     async for piece in pieces:
-                        if piece:
-                            yield chunk({"content": piece})
+                        for event in deltas(*split.feed(piece)):
+                            yield event
                 rest, calls = text.finish()
-                if rest.strip() or (rest and not calls):  # the whitespace around tool calls is no content
-                    yield chunk({"content": rest})
+                reasoning, answer = split.feed(rest, done=True)
+                if calls and not answer.strip():  # the whitespace around tool calls is no content
+                    answer = ""
+                for event in deltas(reasoning, answer):
+                    yield event
                 if calls:
                     yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
                 yield chunk({}, finish_reason(stream, text, calls))

@@ -258,6 +258,48 @@ def test_tool_calls_come_back_as_openai_tool_calls(app, monkeypatch):
         assert plain.message.tool_calls is None and plain.message.content.count("<tool_call>") == 2
 
 
+REPLIES = ["<think>\nParis is in France.\n</think>\n\nParis.", "Paris.", "<think>\n\n</think>\n\nHi", "<thinking aloud",
+           "<think>\ncut off mid-thou", " <b>bold</b>\n", "\n<think>\nA </thin k>\n\n</think>B\n", ""]
+
+
+@pytest.mark.parametrize("reply", REPLIES)
+def test_a_streamed_reply_splits_into_reasoning_and_answer_as_the_whole(reply):
+    from scripts.serve_openai_api import ReasoningSplit, split_reasoning
+
+    expected = split_reasoning(reply)
+    for pieces in ([reply], list(reply), *([reply[:k], reply[k:]] for k in range(len(reply)))):
+        split = ReasoningSplit()
+        deltas = [split.feed(piece) for piece in pieces] + [split.feed("", done=True)]
+        assert ("".join(r for r, _ in deltas), "".join(a for _, a in deltas)) == expected, pieces
+    assert split_reasoning(REPLIES[0]) == ("Paris is in France.", "Paris.")
+    assert split_reasoning(REPLIES[3]) == ("", REPLIES[3]) and split_reasoning(REPLIES[4]) == ("cut off mid-thou", "")
+
+
+def test_reasoning_comes_back_as_reasoning_content(app, monkeypatch, capsys):
+    from argparse import Namespace
+
+    from fastapi.testclient import TestClient
+    from openai import OpenAI
+
+    from scripts import serve_openai_api
+    from scripts.chat_openai_api import reply
+
+    monkeypatch.setattr(serve_openai_api, "ReplyStream", scripted_reply(
+        ["<think>", "\nParis is the capital", " of France.\n</th", "ink>\n\n", "Paris."]))
+    with TestClient(app) as http:
+        client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http)
+        ask = dict(model="minimind", messages=[{"role": "user", "content": "Capital of France?"}])
+        message = client.chat.completions.create(**ask).choices[0].message
+        assert (message.reasoning_content, message.content) == ("Paris is the capital of France.", "Paris.")
+        chunks = [chunk.choices[0].delta for chunk in client.chat.completions.create(**ask, stream=True)]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in chunks) == message.reasoning_content
+        assert "".join(d.content or "" for d in chunks) == "Paris."
+        capsys.readouterr()
+        answer = reply(client, Namespace(model="minimind", temperature=0.85, max_tokens=8), ask["messages"])
+        assert answer == "Paris."  # what goes into the history: the thinking stays out
+        assert capsys.readouterr().out == "🤖: (thinking) Paris is the capital of France.\nParis.\n"
+
+
 def test_stop_strings_end_the_reply_before_them(server):
     from openai import OpenAI
 
