@@ -115,12 +115,12 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a checkpoint strictly into ``model`` (fp16/bf16/fp32 are cast to the model's dtype).
 
     A file of another shape fails with one message naming each mismatched parameter, both shapes, and the config
-    the file needs, never a silent ``strict=False``. Tied ``lm_head.weight`` may be absent from the file.
+    the file needs, never a silent ``strict=False``; so does one whose ``.json`` records another vocabulary than
+    ``model.config.tokenizer_vocab``. Tied ``lm_head.weight`` may be absent from the file.
     """
-    load_state_dict_into(model, read_state_dict(path), path)
-    check_vocabulary(trained_vocabulary(path), getattr(model.config, "tokenizer_vocab", None), path,
+    check_vocabulary(trained_vocabulary(path), getattr(getattr(model, "config", None), "tokenizer_vocab", None), path,
                      "the trainers read the tokenizer in model/: train with the one the file was made with")
-    return model
+    return load_state_dict_into(model, read_state_dict(path), path)
 
 
 def vocab_fingerprint(tokenizer: Any) -> str:
@@ -339,12 +339,13 @@ def load_model(
     load_state_dict_into(model, state, source)
     if lora:
         _merge_lora_file(model, lora, directory)
-    if tokenizer is None and source.is_dir() and (source / "tokenizer_config.json").is_file():
-        tokenizer = source
-    tok = load_tokenizer(tokenizer)
+    folders_own = tokenizer is None and source.is_dir() and (source / "tokenizer_config.json").is_file()
+    tok = load_tokenizer(source if folders_own else tokenizer)
     check_vocabulary(config.tokenizer_vocab, vocab_fingerprint(tok), source,
                      "pass --tokenizer with the folder it was trained with")
-    if tokenizer is None and config.tokenizer_vocab is None:
+    if folders_own and config.tokenizer_vocab is None:
+        config.tokenizer_vocab = vocab_fingerprint(tok)  # a Llama export's vocabulary: the tokenizer saved with it
+    elif tokenizer is None and config.tokenizer_vocab is None:
         print(f"note: {source} does not record its tokenizer; using the one in model/. MiniMind's released weights "
               f"need MiniMind's (--tokenizer path/to/minimind/model), or the replies are gibberish", file=sys.stderr)
     device = check_device(device or best_device())

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from model.generation import chat_prompt, generation_config
-from model.loading import REPO_ROOT, load_model, load_tokenizer, save_transformers, save_weights
+from model.loading import REPO_ROOT, load_model, load_tokenizer, save_transformers, save_weights, vocab_fingerprint
 from tests.test_eval_llm import needs_tokenizer, tiny_checkpoint
 
 pytestmark = needs_tokenizer
@@ -57,6 +57,17 @@ def test_roundtrip_ours_transformers_ours_is_exact(tmp_path, variant):
     expected = logits(original)  # 150 positions: past YaRN's original 64, so the scaling is exercised
     torch.testing.assert_close(logits(back), expected, rtol=0, atol=0)
     torch.testing.assert_close(logits(again), expected, rtol=0, atol=0)
+
+
+def test_a_folders_own_tokenizer_records_its_vocabulary(tmp_path, capsys):
+    """A Llama config.json has no field for it: the tokenizer saved beside the weights says which vocabulary."""
+    tokenizer = load_tokenizer()
+    save_transformers(tiny_checkpoint(tmp_path, tokenizer_vocab=vocab_fingerprint(tokenizer)), tokenizer,
+                      tmp_path / "hf")
+    back, _ = load_model(tmp_path / "hf", device="cpu")
+    assert back.config.tokenizer_vocab == vocab_fingerprint(tokenizer) and "note" not in capsys.readouterr().err
+    save_weights(back, tmp_path / "back.pth")
+    assert json.loads((tmp_path / "back.json").read_text())["tokenizer_vocab"] == vocab_fingerprint(tokenizer)
 
 
 def test_cli_converts_both_ways(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from model.loading import load_weights
 from tests.ddp_train import TokenRows, prompt_rows, tiny_args, token_rows
 from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
 from trainer.checkpoint import load_resume
+import trainer.args
 import trainer.engine
 from dataset import DataError
 from trainer.engine import load_start_weights, rescaled_step
@@ -307,3 +308,26 @@ def test_a_new_global_batch_resumes_at_the_same_epoch_and_row(saved, new):
     step, batch, per_epoch = saved
     expected = {(7, 8, 5): 11 + 16 // 4, (3, 8, 5): 24 // 16, (7, 8, None): 56 // 4}[saved]
     assert rescaled_step(step, batch, per_epoch, *new) == expected
+
+
+def test_a_resume_under_another_vocabulary_is_refused(tmp_path, monkeypatch):
+    train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "2"))
+    monkeypatch.setattr(trainer.args, "vocab_fingerprint", lambda tokenizer: "another-tokenizer")
+    with pytest.raises(ValueError, match="trained with another tokenizer.*resume with the one the run was started"):
+        train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "3",
+                                                       "--from_resume", "1"))
+
+
+def test_a_stage_whose_batches_have_no_labels_trains_with_its_own_loss_weight(tmp_path):
+    """E.g. a loss per row: the start-up check of supervised tokens has nothing to look at."""
+    def rows_only(items):
+        return {"input_ids": torch.stack([item["input_ids"] for item in items])}
+
+    def next_token_loss(model, batch):
+        ids = batch["input_ids"]
+        return model(input_ids=ids, labels=ids).loss, {}
+
+    stage = Stage("pretrain", token_rows, loss_fn=next_token_loss, collate=rows_only,
+                  loss_weight=lambda batch: len(batch["input_ids"]))
+    result = train(stage, tiny_args("--out_dir", str(tmp_path), "--max_steps", "2", "--eval_size", "8"))
+    assert result.steps == 2 and math.isfinite(result.history[-1]["eval/loss"])

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from model.model_minimind import SHAPE_FIELDS, MiniMindConfig
-from model.loading import CheckpointMismatch, atomic_save
+from model.loading import CheckpointMismatch, atomic_save, check_vocabulary
 
 
 def resume_path(weights_path: Path) -> Path:
@@ -57,4 +57,6 @@ def load_resume(path: Path, stage: str, config: MiniMindConfig) -> dict[str, Any
         raise CheckpointMismatch(f"{path} holds a '{state['stage']}' run of a model with {held};\nthis is a "
                                  f"'{stage}' run of {config.describe()}. Pass the flags that match the file, or drop "
                                  f"--from_resume.")
+    check_vocabulary(state.get("tokenizer_vocab"), config.tokenizer_vocab, path,
+                     "the trainers read the tokenizer in model/: resume with the one the run was started with")
     return state

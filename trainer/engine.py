@@ -70,7 +70,8 @@ class Stage:
     build_dataset: Callable[[Namespace, Any], Dataset]  # (args, tokenizer) -> items of 1-D LongTensors
     loss_fn: LossFn = lm_loss  # (model, batch) -> (loss, extra metrics); also used for the held-out eval
     # How many things loss_fn's mean is over, per batch, read on the host: batches count by it, so accumulation, DDP
-    # and eval give the mean of one big batch. A loss that is a mean over something else says so (DPO: pairs).
+    # and eval give the mean of one big batch. The default reads "labels"; a loss that is a mean over something else
+    # says so (DPO: pairs; a loss per row: rows).
     loss_weight: Callable[[Batch], float] = supervised_tokens
     setup: Callable[[nn.Module, Namespace], None] | None = None  # after --from_weight, on the device: freeze, add LoRA
     weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
@@ -158,7 +159,7 @@ def split_data(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> tu
     """The stage's rows as (train, held-out eval or None), checked for what would make a run pointless."""
     dataset = stage.build_dataset(args, tokenizer)
     if len(dataset) == 0:
-        raise ValueError(f"{args.data_path} has no rows")
+        raise ValueError(f"{getattr(args, 'data_path', None) or 'the dataset'} has no rows")
     if args.eval_size >= len(dataset):
         raise ValueError(f"--eval_size {args.eval_size} leaves no rows to train on: the data has {len(dataset)}; "
                          f"lower it (0: no held-out eval)")
@@ -173,7 +174,10 @@ def check_supervision(data: Dataset, collate: Callable[[list[Batch]], Batch], rt
         -> None:
     """Warn when sampled rows have no supervised token (a reply cut off by --max_seq_len): they train nothing."""
     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:sample].tolist()
-    empty = sum(supervised_tokens(collate([data[i]])) == 0 for i in picks)
+    batches = [collate([data[i]]) for i in picks]
+    if any("labels" not in batch for batch in batches):
+        return  # nothing to check (such a stage says what its loss is a mean over: Stage.loss_weight)
+    empty = sum(supervised_tokens(batch) == 0 for batch in batches)
     if empty:
         rt.print(f"[data] warning: {empty} of {len(picks)} sampled rows have no supervised token within --max_seq_len "
                  f"(the reply is cut off): they train nothing. Raise --max_seq_len, or shorten the prompts.")
@@ -426,7 +430,8 @@ def train(stage: Stage, args: Namespace) -> Result:
         nonlocal last_saved
         if rt.is_main:
             stage.save_weights(raw, weights_file)
-            save_resume(resume_file, stage=stage.name, shape=shape_of(config), model=raw.state_dict(),
+            save_resume(resume_file, stage=stage.name, shape=shape_of(config), tokenizer_vocab=config.tokenizer_vocab,
+                        model=raw.state_dict(),
                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
                         global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
                         world_size=rt.world_size, run_id=logger.run_id, args=vars(args))

@@ -229,7 +229,8 @@ def classify_by_label_logits(model, tokenizer, texts: Sequence[str], labels: Seq
 
 
 def label_token_loss(label_ids: Sequence[int]):
-    """A loss for the training engine (``Stage(loss_fn=...)``): cross entropy over the label tokens' logits only.
+    """A loss for the training engine (``Stage(loss_fn=..., loss_weight=row_count)``): cross entropy over the label
+    tokens' logits only, a mean over rows.
 
     The batch is an SFTDataset batch of prompt → label conversations, so the first supervised position holds the
     label's first token; the logits one position earlier predict it. The rest of the vocabulary plays no part: the LM
@@ -249,6 +250,11 @@ def label_token_loss(label_ids: Sequence[int]):
         return torch.nn.functional.cross_entropy(logits, target), {}
 
     return loss_fn
+
+
+def row_count(batch) -> int:
+    """What ``label_token_loss`` is a mean over (a ``Stage.loss_weight``): rows, one label each."""
+    return len(batch["input_ids"])
 
 
 def freeze_embedding_and_lower_half(model, args=None) -> None:
