@@ -13,6 +13,7 @@ In a chat: /clear forgets the history (清空历史), /exit or Ctrl-D quits (退
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.generation import ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
+from model.generation import ReasoningSplit, ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
 from model.loading import add_model_args, model_from_args, weight_arg
 from scripts.metrics import CHAT_PROMPTS, PLAIN_PROMPTS, ngram_repetition
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
     from model.model_minimind import MiniMindForCausalLM
 
+DIM, PLAIN = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")  # a model's thinking is shown dimmed
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,22 +88,30 @@ def read_prompts(interactive: bool) -> Iterator[str]:
 
 def respond(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: GenerationConfig,
             show_speed: bool) -> str | None:
-    """Stream one reply to stdout; None when Ctrl-C cut it short."""
+    """Stream one reply to stdout and return its answer (a ``<think>`` block is shown dimmed, and left out of what
+    is returned, so of the history); None when Ctrl-C cut it short."""
     stream = ReplyStream(model, tokenizer, prompt, config)
-    pieces = iter(stream)
+    pieces, split = iter(stream), ReasoningSplit()
+    answer, thinking = "", False
     print("🤖: ", end="", flush=True)
     try:
-        for piece in pieces:
-            print(piece, end="", flush=True)
+        for piece in itertools.chain(pieces, [None]):  # None: the end, when held-back text is let out
+            thought, said = split.feed(piece or "", done=piece is None)
+            if thought:
+                print(("" if thinking else f"{DIM}(thinking) ") + thought, end="", flush=True)
+                thinking = True
+            if said:
+                print((f"{PLAIN}\n" if thinking else "") + said, end="", flush=True)
+                answer, thinking = answer + said, False
     except KeyboardInterrupt:
-        print(" [interrupted / 已中断]")
+        print(f"{PLAIN} [interrupted / 已中断]")
         return None
     finally:
         pieces.close()  # stops generation now if the loop was left early
-    print()
+    print(PLAIN if thinking else "")
     if show_speed:
         print(f"[{stream.completion_tokens} tokens, {stream.tokens_per_second:.1f} tokens/s]")
-    return stream.text
+    return answer
 
 
 def run_auto(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig, plain: bool,

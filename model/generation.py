@@ -172,3 +172,43 @@ class ReplyStream:
         stops = self.config.eos_token_id
         stops = stops if isinstance(stops, list) else [stops]
         self.finish_reason = "stop" if last in stops or self.completion_tokens < self.config.max_new_tokens else "length"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reasoning: a reply that opens with <think>...</think> (a model trained on rows with reasoning_content)
+
+THINK_START, THINK_END = "<think>", "</think>"  # how the chat template shows reasoning_content
+
+
+def split_reasoning(text: str, done: bool = True) -> tuple[str, str]:
+    """(reasoning, answer) of a reply: a leading ``<think>\\n…\\n</think>\\n\\n`` block is the reasoning, the rest is
+    the answer; a reply without one is all answer. Mid-reply (``done=False``) what may still change is held back (a
+    beginning that may become ``<think>``, an end that may become ``</think>``, trailing newlines), so each call's
+    result extends the previous one's."""
+    head = text.lstrip()
+    if not head.startswith(THINK_START):
+        return ("", "") if not done and THINK_START.startswith(head) else ("", text)
+    body = head[len(THINK_START):].lstrip("\n")
+    end = body.find(THINK_END)
+    if end >= 0:
+        return body[:end].rstrip("\n"), body[end + len(THINK_END):].lstrip("\n")
+    return (body if done else body[:len(body) - partial_marker(body, [THINK_END])]).rstrip("\n"), ""
+
+
+class ReasoningSplit:
+    """``split_reasoning`` as a reply streams in: ``feed`` returns the new (reasoning, answer) text to send."""
+
+    def __init__(self):
+        self.text, self.sent = "", (0, 0)
+
+    def feed(self, piece: str, done: bool = False) -> tuple[str, str]:
+        self.text += piece
+        reasoning, answer = split_reasoning(self.text, done)
+        new = reasoning[self.sent[0]:], answer[self.sent[1]:]
+        self.sent = len(reasoning), len(answer)
+        return new
+
+
+def partial_marker(text: str, markers: list[str]) -> int:
+    """The length of the longest end of ``text`` that is the beginning of a marker (0: none)."""
+    return max((k for marker in markers for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)

@@ -37,13 +37,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from model.generation import ReplyStream, chat_prompt, generation_config
+from model.generation import (ReasoningSplit, ReplyStream, chat_prompt, generation_config, partial_marker,
+                              split_reasoning)
 from model.loading import add_model_args, model_from_args
 
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # how the chat template shows a call
 TOOL_CALL_START = "<tool_call>"
-THINK_START, THINK_END = "<think>", "</think>"  # how the chat template shows reasoning_content
 
 
 class FunctionCall(BaseModel):
@@ -155,40 +155,6 @@ class ReplyText:
         """The text not sent yet, less its parseable tool calls, and those calls in OpenAI's shape."""
         rest, self.sent = self.text[self.sent:], len(self.text)
         return split_tool_calls(rest) if self.tools else (rest, [])
-
-
-def split_reasoning(text: str, done: bool = True) -> tuple[str, str]:
-    """(reasoning, answer) of a reply: a leading ``<think>\\n…\\n</think>\\n\\n`` block is the reasoning, the rest is
-    the answer; a reply without one is all answer. Mid-reply (``done=False``) what may still change is held back (a
-    beginning that may become ``<think>``, an end that may become ``</think>``, trailing newlines), so each call's
-    result extends the previous one's."""
-    head = text.lstrip()
-    if not head.startswith(THINK_START):
-        return ("", "") if not done and THINK_START.startswith(head) else ("", text)
-    body = head[len(THINK_START):].lstrip("\n")
-    end = body.find(THINK_END)
-    if end >= 0:
-        return body[:end].rstrip("\n"), body[end + len(THINK_END):].lstrip("\n")
-    return (body if done else body[:len(body) - partial_marker(body, [THINK_END])]).rstrip("\n"), ""
-
-
-class ReasoningSplit:
-    """``split_reasoning`` as a reply streams in: ``feed`` returns the new (reasoning, answer) text to send."""
-
-    def __init__(self):
-        self.text, self.sent = "", (0, 0)
-
-    def feed(self, piece: str, done: bool = False) -> tuple[str, str]:
-        self.text += piece
-        reasoning, answer = split_reasoning(self.text, done)
-        new = reasoning[self.sent[0]:], answer[self.sent[1]:]
-        self.sent = len(reasoning), len(answer)
-        return new
-
-
-def partial_marker(text: str, markers: list[str]) -> int:
-    """The length of the longest end of ``text`` that is the beginning of a marker (0: none)."""
-    return max((k for marker in markers for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:

@@ -223,6 +223,21 @@ def test_a_checkpoint_of_another_shape_names_the_flags_it_needs(tmp_path):
         in str(err.value)
 
 
+def test_a_reply_that_thinks_shows_the_thinking_apart_and_keeps_only_the_answer(monkeypatch, capsys):
+    eval_llm = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))
+
+    class Scripted:  # what a model trained on reasoning_content writes, in the pieces a streamer gives
+        def __init__(self, *args):
+            self.completion_tokens, self.tokens_per_second = 9, 1.0
+
+        def __iter__(self):
+            yield from ["<think>", "\nAdd the", " two.\n</think>", "\n\n", "2"]
+
+    monkeypatch.setitem(eval_llm["respond"].__globals__, "ReplyStream", Scripted)
+    assert eval_llm["respond"](None, None, "1+1=?", None, show_speed=False) == "2"  # the history gets the answer
+    assert capsys.readouterr().out == "🤖: (thinking) Add the two.\n2\n"
+
+
 def test_bad_sampling_flags_and_a_missing_device_are_one_line_errors(tmp_path, capsys):
     main = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))["main"]
     for flags in (["--top_k", "-1"], ["--top_p", "0"], ["--repetition_penalty", "0"], ["--temperature", "-1"]):
