@@ -109,6 +109,8 @@ def respond(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, prom
     finally:
         pieces.close()  # stops generation now if the loop was left early
     print(PLAIN if thinking else "")
+    if thinking and stream.finish_reason == "length":
+        print(f"[the reply ended while still thinking: raise --max_new_tokens (now {config.max_new_tokens})]")
     if show_speed:
         print(f"[{stream.completion_tokens} tokens, {stream.tokens_per_second:.1f} tokens/s]")
     return answer

@@ -339,13 +339,13 @@ def load_model(
     load_state_dict_into(model, state, source)
     if lora:
         _merge_lora_file(model, lora, directory)
-    folders_own = tokenizer is None and source.is_dir() and (source / "tokenizer_config.json").is_file()
-    tok = load_tokenizer(source if folders_own else tokenizer)
+    folder_tokenizer = source.is_dir() and (source / "tokenizer_config.json").is_file()
+    tok = load_tokenizer(source if folder_tokenizer and tokenizer is None else tokenizer)
+    if folder_tokenizer and config.tokenizer_vocab is None:  # a Llama export's vocabulary: the tokenizer saved with it
+        config.tokenizer_vocab = vocab_fingerprint(tok if tokenizer is None else load_tokenizer(source))
     check_vocabulary(config.tokenizer_vocab, vocab_fingerprint(tok), source,
                      "pass --tokenizer with the folder it was trained with")
-    if folders_own and config.tokenizer_vocab is None:
-        config.tokenizer_vocab = vocab_fingerprint(tok)  # a Llama export's vocabulary: the tokenizer saved with it
-    elif tokenizer is None and config.tokenizer_vocab is None:
+    if tokenizer is None and config.tokenizer_vocab is None:
         print(f"note: {source} does not record its tokenizer; using the one in model/. MiniMind's released weights "
               f"need MiniMind's (--tokenizer path/to/minimind/model), or the replies are gibberish", file=sys.stderr)
     device = check_device(device or best_device())
@@ -420,7 +420,7 @@ def _missing_checkpoint_message(path: Path, stage: str, others: list[tuple[Path,
         lines.append(f"No training stage is called '{stage}' ({', '.join(TRAIN_SCRIPTS)}; other names come from "
                      f"--save_weight). Checkpoints in {path.parent}: {', '.join(there) or 'none'}.")
     lines.append("Or put MiniMind's released .pth there (ModelScope gongjy/minimind-3-pytorch), or pass a path or a "
-                 "transformers folder (eval_llm.py --load_from DIR).")
+                 "transformers folder (--load_from DIR).")
     return "\n".join(lines)
 
 

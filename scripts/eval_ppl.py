@@ -1,9 +1,10 @@
-"""Score a model on a jsonl file: loss per token, perplexity and bits per byte.  在数据上评测：困惑度与每字节比特数。
+r"""Score a model on a jsonl file: loss per token, perplexity and bits per byte.  在数据上评测：困惑度与每字节比特数。
 
     python scripts/eval_ppl.py --weight pretrain --data_path dataset/demo/pretrain.jsonl --held_out 64
     python scripts/eval_ppl.py --weight full_sft --data_path dataset/demo/sft.jsonl --held_out 32
+    # MiniMind's weights with MiniMind's tokenizer, on the same rows:
     python scripts/eval_ppl.py --weight ~/Downloads/full_sft_512.pth --tokenizer path/to/minimind/model \
-        --data_path dataset/sft_t2t_mini.jsonl --max_rows 2000        # MiniMind's weights on the same rows
+        --data_path dataset/demo/sft.jsonl --held_out 32
 
 Text files (``{"text": ...}``) are scored as pretraining sees them: the documents packed into rows of
 ``--max_seq_len`` tokens, every next token counted. Chat files (``{"conversations": [...]}``) are scored as SFT sees
@@ -51,7 +52,9 @@ def token_bytes(tokenizer: Any) -> torch.Tensor:
 def rows_of(path: str, tokenizer: Any, max_seq_len: int, cache_dir: str | None) -> Dataset:
     """The file's rows as a trainer builds them: packed text for ``{"text"}`` files, SFT rows for chats."""
     with open(path, "rb") as f:
-        first = next((line for line in f if line.strip()), b"")
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
+        raise DataError(f"{path} has no rows")
     try:
         row = json.loads(first)
     except ValueError:
@@ -92,7 +95,10 @@ def score(model: torch.nn.Module, rows: Dataset, byte_lengths: torch.Tensor, bat
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The examples as written, and every flag's default."""
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     add_model_args(p)
     d = p.add_argument_group("data (评测数据)")
     d.add_argument("--data_path", default="dataset/demo/pretrain.jsonl", help="a jsonl file of text or chats")
@@ -112,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = model_from_args(args)
         rows = rows_of(path, tokenizer, args.max_seq_len, args.cache_dir)
         if args.held_out:
+            if args.held_out >= len(rows):
+                p.error(f"--held_out {args.held_out}: the data has {len(rows)} rows (text: packed rows of "
+                        f"--max_seq_len tokens), and a trainer holds out fewer")
             rows = train_eval_split(rows, eval_size=args.held_out, seed=args.seed)[1]
         if args.max_rows:
             rows = torch.utils.data.Subset(rows, range(min(args.max_rows, len(rows))))

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from model.generation import chat_prompt, generation_config
-from model.loading import REPO_ROOT, load_model, load_tokenizer, save_transformers, save_weights, vocab_fingerprint
-from tests.test_eval_llm import needs_tokenizer, tiny_checkpoint
+from model.loading import (REPO_ROOT, CheckpointMismatch, load_model, load_tokenizer, save_transformers, save_weights,
+                           vocab_fingerprint)
+from tests.test_eval_llm import another_vocabulary, needs_tokenizer, tiny_checkpoint
 
 pytestmark = needs_tokenizer
 YARN = {"type": "yarn", "factor": 8, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1}
@@ -68,6 +69,8 @@ def test_a_folders_own_tokenizer_records_its_vocabulary(tmp_path, capsys):
     assert back.config.tokenizer_vocab == vocab_fingerprint(tokenizer) and "note" not in capsys.readouterr().err
     save_weights(back, tmp_path / "back.pth")
     assert json.loads((tmp_path / "back.json").read_text())["tokenizer_vocab"] == vocab_fingerprint(tokenizer)
+    with pytest.raises(CheckpointMismatch, match="trained with another tokenizer"):
+        load_model(tmp_path / "hf", device="cpu", tokenizer=another_vocabulary(tmp_path / "other"))
 
 
 def test_cli_converts_both_ways(tmp_path, monkeypatch):

@@ -331,3 +331,13 @@ def test_a_stage_whose_batches_have_no_labels_trains_with_its_own_loss_weight(tm
                   loss_weight=lambda batch: len(batch["input_ids"]))
     result = train(stage, tiny_args("--out_dir", str(tmp_path), "--max_steps", "2", "--eval_size", "8"))
     assert result.steps == 2 and math.isfinite(result.history[-1]["eval/loss"])
+
+
+def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "2"))
+    before = (tmp_path / "pretrain_64.pth").read_bytes(), (tmp_path / "pretrain_64_resume.pth").read_bytes()
+    result = train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "2",
+                                                            "--from_resume", "1"))
+    assert result.steps == 2 and result.history == []
+    assert "already at step 2 of 2: nothing to train. Raise --max_steps" in capsys.readouterr().out
+    assert ((tmp_path / "pretrain_64.pth").read_bytes(), (tmp_path / "pretrain_64_resume.pth").read_bytes()) == before

@@ -5,6 +5,7 @@ import os
 import runpy
 import subprocess
 import sys
+from argparse import Namespace
 
 import pytest
 import torch
@@ -186,18 +187,23 @@ def test_the_config_saved_beside_the_weights_gives_what_tensors_cannot(tmp_path,
     assert model.config.num_experts_per_tok == 2 and "describes another shape" in capsys.readouterr().err
 
 
+def another_vocabulary(folder):
+    """A tokenizer folder: ours with two tokens' ids swapped (same size, other vocabulary)."""
+    folder.mkdir()
+    spec = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    (folder / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    return folder
+
+
 @needs_tokenizer
 def test_weights_refuse_a_tokenizer_of_another_vocabulary(tmp_path, capsys):
     """Every vocabulary here has 6,400 tokens, so only the recorded fingerprint can tell them apart."""
     ours = vocab_fingerprint(load_tokenizer())
     tiny_checkpoint(tmp_path, tokenizer_vocab=ours)
-    other = tmp_path / "other_tokenizer"  # ours with two tokens' ids swapped
-    other.mkdir()
-    spec = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
-    (other / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
-    (other / "tokenizer_config.json").write_text((TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    other = another_vocabulary(tmp_path / "other_tokenizer")
     assert vocab_fingerprint(load_tokenizer(other)) != ours
 
     load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")  # the tokenizer it was trained with
@@ -226,16 +232,22 @@ def test_a_checkpoint_of_another_shape_names_the_flags_it_needs(tmp_path):
 def test_a_reply_that_thinks_shows_the_thinking_apart_and_keeps_only_the_answer(monkeypatch, capsys):
     eval_llm = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))
 
-    class Scripted:  # what a model trained on reasoning_content writes, in the pieces a streamer gives
+    pieces = ["<think>", "\nAdd the", " two.\n</think>", "\n\n", "2"]  # what a model trained on reasoning writes
+
+    class Scripted:
         def __init__(self, *args):
-            self.completion_tokens, self.tokens_per_second = 9, 1.0
+            self.finish_reason = "stop" if pieces[-1] == "2" else "length"
 
         def __iter__(self):
-            yield from ["<think>", "\nAdd the", " two.\n</think>", "\n\n", "2"]
+            yield from pieces
 
     monkeypatch.setitem(eval_llm["respond"].__globals__, "ReplyStream", Scripted)
     assert eval_llm["respond"](None, None, "1+1=?", None, show_speed=False) == "2"  # the history gets the answer
     assert capsys.readouterr().out == "🤖: (thinking) Add the two.\n2\n"
+    pieces[2:] = [" two"]  # cut off by max_new_tokens mid-thought
+    assert eval_llm["respond"](None, None, "1+1=?", Namespace(max_new_tokens=4), show_speed=False) == ""
+    assert capsys.readouterr().out.endswith("Add the two\n[the reply ended while still thinking: raise "
+                                            "--max_new_tokens (now 4)]\n")
 
 
 def test_bad_sampling_flags_and_a_missing_device_are_one_line_errors(tmp_path, capsys):

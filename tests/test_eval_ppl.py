@@ -77,7 +77,14 @@ def test_held_out_rows_reproduce_the_training_runs_eval_loss(tok, tmp_path, caps
 def test_dpo_pairs_and_missing_files_are_one_line_errors(tok, tmp_path, capsys):
     save_weights(MiniMindForCausalLM(MiniMindConfig(**SHAPE)), tmp_path / "full_sft_64.pth")
     pairs = write_jsonl(tmp_path / "dpo.jsonl", [{"chosen": [], "rejected": []}])
-    for data, message in ((pairs, "DPO pairs are scored by train_dpo.py"), (tmp_path / "none.jsonl", "not found")):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n")
+    for data, message in ((pairs, "DPO pairs are scored by train_dpo.py"), (tmp_path / "none.jsonl", "not found"),
+                          (blank, "blank.jsonl has no rows")):
         with pytest.raises(SystemExit) as exit:
             main(["--hidden_size", "64", "--out_dir", str(tmp_path), "--device", "cpu", "--data_path", str(data)])
         assert message in str(exit.value.code)
+    with pytest.raises(SystemExit) as exit:  # more held-out rows than the data has: a usage error
+        main(["--hidden_size", "64", "--out_dir", str(tmp_path), "--device", "cpu", "--held_out", "100000",
+              "--cache_dir", str(tmp_path / "cache")])
+    assert exit.value.code == 2 and "--held_out 100000: the data has" in capsys.readouterr().err

@@ -217,6 +217,15 @@ def test_reply_text_never_sends_a_stop_string_or_a_tool_call():
     rest, calls = text.finish()
     assert rest == "" and [call["function"]["name"] for call in calls] == ["now"]
 
+    # A call the model only thinks about is no call, and does not hold the stream back; one in the answer is.
+    thought = '<think>\nI could call <tool_call>{"name": "f", "arguments": {}}</tool_call> here\n</think>\n\n'
+    text = ReplyText([], tools=True)
+    sent = "".join(text.feed(thought[i:i + 5]) for i in range(0, len(thought), 5))
+    assert sent == thought  # nothing held back
+    sent += "".join(text.feed(piece) for piece in ["Sure. ", '<tool_call>{"name": "g"}</tool_call>'])
+    rest, calls = text.finish()
+    assert sent + rest == thought + "Sure. " and [call["function"]["name"] for call in calls] == ["g"]
+
 
 def scripted_reply(pieces: list[str]) -> type:
     """A ReplyStream that says ``pieces`` instead of asking the model: a tiny random model never calls a tool."""

@@ -392,20 +392,25 @@ def train(stage: Stage, args: Namespace) -> Result:
     tokenizer = load_tokenizer()
     raw = build_model(stage, args, tokenizer, rt)  # the plain module, for saving and eval; "model" may be wrapped
     config = raw.config
+    weights_file = stage.weights_path(args, config)
+    resume_file = resume_path(weights_file)
+    # read (and refused, if it does not fit) before the data is tokenised, which may take minutes
+    saved = load_resume(resume_file, stage.name, config) if args.from_resume else None
     train_set, eval_set = split_data(stage, args, tokenizer, rt)
     plan = plan_steps(len(train_set), args, rt)
     total = plan.total
 
-    weights_file = stage.weights_path(args, config)
-    resume_file = resume_path(weights_file)
     params = [p for p in raw.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=rt.device.type == "cuda")
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 only: bf16 needs none
     step, run_id = 0, None
-    if args.from_resume:
-        step, run_id = restore(load_resume(resume_file, stage.name, config), resume_file, raw, optimizer, scaler, args,
-                               plan, rt)
+    if saved is not None:
+        step, run_id = restore(saved, resume_file, raw, optimizer, scaler, args, plan, rt)
         rt.print(f"[resume] {resume_file} at step {step}/{total}")
+        if step >= total:
+            rt.print(f"[resume] the run is already at step {step} of {total}: nothing to train. Raise --max_steps "
+                     f"or --epochs to go on.")
+            return Result(step, 0, 0.0, [])
     start_step = step
 
     model: nn.Module = torch.compile(raw, mode=args.compile_mode) if args.use_compile else raw
