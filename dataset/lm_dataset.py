@@ -375,6 +375,25 @@ class PretrainDataset(Dataset):
             item["position_ids"] = self._positions(i * self.max_seq_len)
         return item
 
+    def rows_sharing_documents(self, rows: list[int]) -> np.ndarray:
+        """A mask over all rows: True where a row holds part of a document that one of ``rows`` holds (``rows``
+        included). Packing cuts documents, so a row shares its first and last document with the rows beside it
+        (a long document spans several); ``train_eval_split`` keeps those out of training."""
+        shared = np.zeros(len(self), dtype=bool)
+        if self.mode == "pad":  # a row is a document
+            shared[rows] = True
+            return shared
+        if self._doc_ends is None:
+            self._map()
+        starts = np.arange(len(self), dtype=np.int64) * self.max_seq_len
+        first = np.searchsorted(self._doc_ends, starts, side="right")  # each row's first and last document
+        last = np.searchsorted(self._doc_ends, starts + self.max_seq_len - 1, side="right")
+        held = np.zeros(self.n_docs + 1, dtype=np.int64)  # +1 at a held-out row's first document, -1 after its last
+        np.add.at(held, first[rows], 1)
+        np.add.at(held, last[rows] + 1, -1)
+        held_docs = np.concatenate([[0], np.cumsum(np.cumsum(held)[:-1] > 0)])  # held-out documents before each
+        return held_docs[last + 1] - held_docs[first] > 0
+
     def _positions(self, row_start: int) -> torch.Tensor:
         """Each token's position within its document; the row's first document counts from the row start."""
         index = np.arange(row_start, row_start + self.max_seq_len)
@@ -613,7 +632,10 @@ def pad_collate(batch: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[s
 
 def train_eval_split(dataset: Dataset, eval_fraction: float | None = None, eval_size: int | None = None,
                      seed: int = 0) -> tuple[Subset, Subset]:
-    """A deterministic held-out split: (train, eval) Subsets; give eval_fraction or eval_size."""
+    """A deterministic held-out split: (train, eval) Subsets; give eval_fraction or eval_size.
+
+    The eval rows are a random sample. Where rows cut documents (packed pretraining), training leaves out every
+    row that shares a document with an eval row, so the eval loss is on text the model has not seen."""
     if (eval_fraction is None) == (eval_size is None):
         raise ValueError("give exactly one of eval_fraction or eval_size")
     n = len(dataset)
@@ -621,4 +643,8 @@ def train_eval_split(dataset: Dataset, eval_fraction: float | None = None, eval_
     if not 0 < n_eval < n:
         raise ValueError(f"eval size {n_eval} must be between 1 and {n - 1} for a dataset of {n} items")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return Subset(dataset, order[n_eval:]), Subset(dataset, order[:n_eval])
+    held_out, train = order[:n_eval], order[n_eval:]
+    if hasattr(dataset, "rows_sharing_documents"):
+        shared = dataset.rows_sharing_documents(held_out)
+        train = [i for i in train if not shared[i]]
+    return Subset(dataset, train), Subset(dataset, held_out)

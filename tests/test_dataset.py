@@ -256,6 +256,27 @@ def test_doc_mask_positions_restart_after_every_separator(tok, tmp_path):
     assert "position_ids" not in PretrainDataset(ds.path, tok, 32)[0]  # off by default
 
 
+def test_no_document_is_both_trained_on_and_held_out(tok, tmp_path):
+    """Packing cuts documents: the training rows that share one with a held-out row are left out, and no others."""
+    long_docs = DOCS + ["a long story " * 40] * 3  # a few documents that span several rows
+    for mode in ("pack", "pad"):
+        ds = PretrainDataset(write_jsonl(tmp_path / f"{mode}.jsonl", [{"text": d} for d in long_docs]), tok, 16,
+                             mode=mode)
+        train, held = train_eval_split(ds, eval_size=5, seed=1)
+        ends = np.asarray(ds._doc_ends) if mode == "pack" else None
+
+        def docs(row: int) -> set[int]:
+            if mode == "pad":
+                return {row}
+            start = row * 16
+            return set(range(np.searchsorted(ends, start, "right"), np.searchsorted(ends, start + 15, "right") + 1))
+
+        held_docs = set().union(*(docs(r) for r in held.indices))
+        assert not any(docs(r) & held_docs for r in train.indices)
+        left_out = set(range(len(ds))) - set(train.indices) - set(held.indices)
+        assert all(docs(r) & held_docs for r in left_out) and (mode == "pad") == (not left_out)
+
+
 def test_pad_mode_one_document_per_row(tok, tmp_path):
     ds = PretrainDataset(write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS]), tok, 24, mode="pad")
     assert len(ds) == len(DOCS)
