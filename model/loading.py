@@ -342,7 +342,7 @@ def load_model(
     folder_tokenizer = source.is_dir() and (source / "tokenizer_config.json").is_file()
     tok = load_tokenizer(source if folder_tokenizer and tokenizer is None else tokenizer)
     if folder_tokenizer and config.tokenizer_vocab is None:  # a Llama export's vocabulary: the tokenizer saved with it
-        config.tokenizer_vocab = vocab_fingerprint(tok if tokenizer is None else load_tokenizer(source))
+        config.tokenizer_vocab = vocab_fingerprint(tok) if tokenizer is None else _folder_vocabulary(source)
     check_vocabulary(config.tokenizer_vocab, vocab_fingerprint(tok), source,
                      "pass --tokenizer with the folder it was trained with")
     if tokenizer is None and config.tokenizer_vocab is None:
@@ -354,6 +354,17 @@ def load_model(
     model.generation_config.eos_token_id = stop_token_ids(tok)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def _folder_vocabulary(folder: Path) -> str | None:
+    """The vocabulary of the tokenizer saved in a transformers folder; None (with a note) when it does not load."""
+    try:
+        return vocab_fingerprint(load_tokenizer(folder))
+    except (OSError, ValueError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        print(f"note: the tokenizer in {folder} does not load ({reason}); the vocabulary of --tokenizer is not "
+              f"checked against it", file=sys.stderr)
+        return None
 
 
 def looks_like_path(text: str) -> bool:
@@ -616,7 +627,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags that pick a model, as MiniMind's eval_llm.py spells them; read them back with ``model_from_args``."""
     g = parser.add_argument_group("model (which weights; 加载哪个模型)")
     g.add_argument("--weight", default="full_sft",
-                   help="stage name (out/<weight>_<hidden>[_moe].pth: pretrain, full_sft, dpo, ...) or a .pth path")
+                   help="stage name (out/<weight>_<hidden>[_moe].pth: pretrain, full_sft, dpo, ...) or a .pth path "
+                        "(default full_sft)")
     g.add_argument("--load_from", default="model",
                    help="'model': our .pth weights (--weight); else a transformers folder "
                         "(save_pretrained / converted)")

@@ -7,14 +7,16 @@ r"""Score a model on a jsonl file: loss per token, perplexity and bits per byte.
         --data_path dataset/demo/sft.jsonl --held_out 32
 
 Text files (``{"text": ...}``) are scored as pretraining sees them: the documents packed into rows of
-``--max_seq_len`` tokens, every next token counted. Chat files (``{"conversations": [...]}``) are scored as SFT sees
-them: the assistant turns only. ``--held_out N`` scores exactly the rows a trainer held out with ``--eval_size N``
-(same ``--seed`` and ``--max_seq_len``), so it reproduces the training log's eval loss.
+``--max_seq_len`` tokens (``--pad``, ``--doc_mask``: as the trainer's flags), every next token counted. Chat files
+(``{"conversations": [...]}``) are scored as SFT sees them: the assistant turns only. ``--held_out N`` scores exactly
+the rows a trainer held out with ``--eval_size N`` (same ``--seed``, ``--max_seq_len``, ``--pad``, ``--doc_mask``),
+so it reproduces the training log's eval loss.
 
 Perplexity depends on the tokenizer (a larger vocabulary has more tokens to choose from, and fewer tokens per text);
 bits per byte does not: the loss over all scored tokens divided by the UTF-8 bytes they spell, so models with
-different tokenizers (ours, MiniMind's) compare on the same rows. Tokens that spell no text (``<|im_end|>``, the
-document separator) count in the loss and perplexity but not in bits per byte.
+different tokenizers (ours, MiniMind's) compare on the same text: the same conversations of a chat file, or a whole
+text file (packed rows, and so held-out rows, of two tokenizers hold different text). Tokens that spell no text
+(``<|im_end|>``, the document separator) count in the loss and perplexity but not in bits per byte.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from typing import Any
 
@@ -35,22 +38,30 @@ from dataset.lm_dataset import IGNORE_INDEX, resolve_data_path
 from model.loading import add_model_args, model_from_args
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte fallback: one raw byte
+
+
 def token_bytes(tokenizer: Any) -> torch.Tensor:
     """How many UTF-8 bytes each token id spells; 0 for added tokens (``<|im_end|>``, ``<think>``, ...). A byte-level
-    BPE vocabulary (ours, MiniMind's, GPT-2's) writes each byte as one character; other vocabularies are measured by
-    decoding each token alone."""
+    BPE vocabulary (ours, MiniMind's, GPT-2's) writes each byte as one character; a SentencePiece one (Llama's)
+    writes a space as ``▁`` and an odd byte as ``<0xNN>``."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     byte_level = (backend.get("decoder") or {}).get("type") == "ByteLevel"
     added = set(tokenizer.added_tokens_decoder)
     lengths = torch.zeros(len(tokenizer), dtype=torch.long)
     for token, i in tokenizer.get_vocab().items():
-        if i not in added:
-            lengths[i] = len(token) if byte_level else len(tokenizer.decode([i]).encode())
+        if i in added:
+            continue
+        if byte_level:
+            lengths[i] = len(token)
+        else:
+            lengths[i] = 1 if BYTE_TOKEN.fullmatch(token) else len(token.replace("▁", " ").encode())
     return lengths
 
 
-def rows_of(path: str, tokenizer: Any, max_seq_len: int, cache_dir: str | None) -> Dataset:
-    """The file's rows as a trainer builds them: packed text for ``{"text"}`` files, SFT rows for chats."""
+def rows_of(path: str, tokenizer: Any, max_seq_len: int, cache_dir: str | None, pad: bool = False,
+            doc_mask: bool = False) -> Dataset:
+    """The file's rows as a trainer builds them: pretraining rows for ``{"text"}`` files, SFT rows for chats."""
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), None)
     if first is None:
@@ -60,7 +71,8 @@ def rows_of(path: str, tokenizer: Any, max_seq_len: int, cache_dir: str | None) 
     except ValueError:
         raise DataError(f"{path}: the first row is not JSON") from None
     if isinstance(row, dict) and "text" in row:
-        return PretrainDataset(path, tokenizer, max_seq_len, cache_dir=cache_dir)
+        return PretrainDataset(path, tokenizer, max_seq_len, mode="pad" if pad else "pack", cache_dir=cache_dir,
+                               doc_mask=doc_mask)
     if isinstance(row, dict) and "conversations" in row:
         return SFTDataset(path, tokenizer, max_seq_len, cache_dir=cache_dir)
     raise DataError(f"{path}: expected rows of {{\"text\": ...}} or {{\"conversations\": [...]}} (DPO pairs are "
@@ -78,7 +90,8 @@ def score(model: torch.nn.Module, rows: Dataset, byte_lengths: torch.Tensor, bat
     tokens = text_bytes = 0
     loader = DataLoader(rows, batch_size=batch_size, collate_fn=pad_collate)
     for batch in tqdm(loader, desc="scoring", disable=not progress):
-        logits = model(input_ids=batch["input_ids"].to(device)).logits[:, :-1].float()
+        positions = batch["position_ids"].to(device) if "position_ids" in batch else None  # --doc_mask
+        logits = model(input_ids=batch["input_ids"].to(device), position_ids=positions).logits[:, :-1].float()
         targets = batch["labels"][:, 1:].to(device)  # the logits at t score the token at t + 1
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
         scored = targets.flatten() != IGNORE_INDEX
@@ -95,19 +108,19 @@ def score(model: torch.nn.Module, rows: Dataset, byte_lengths: torch.Tensor, bat
 
 
 def main(argv: list[str] | None = None) -> None:
-    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        """The examples as written, and every flag's default."""
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     d = p.add_argument_group("data (评测数据)")
-    d.add_argument("--data_path", default="dataset/demo/pretrain.jsonl", help="a jsonl file of text or chats")
-    d.add_argument("--max_seq_len", type=int, default=256, help="as the model was trained (demo runs: 256)")
+    d.add_argument("--data_path", default="dataset/demo/pretrain.jsonl",
+                   help="a jsonl file of text or chats (default: the bundled demo text)")
+    d.add_argument("--max_seq_len", type=int, default=256, help="as the model was trained (default 256, the demo's)")
+    d.add_argument("--pad", action="store_true", help="text: one document per row, as the trainer's --pad")
+    d.add_argument("--doc_mask", action="store_true", help="text: attention within documents, as --doc_mask")
     d.add_argument("--held_out", type=int, default=0,
-                   help="score only the N rows a trainer holds out with --eval_size N (0: every row)")
-    d.add_argument("--seed", type=int, default=42, help="the trainer's --seed, for --held_out")
-    d.add_argument("--max_rows", type=int, default=0, help="score the first N rows only (0: all)")
-    d.add_argument("--batch_size", type=int, default=8)
+                   help="score only the N rows a trainer holds out with --eval_size N (default 0: every row)")
+    d.add_argument("--seed", type=int, default=42, help="the trainer's --seed, for --held_out (default 42)")
+    d.add_argument("--max_rows", type=int, default=0, help="score the first N rows only (default 0: all)")
+    d.add_argument("--batch_size", type=int, default=8, help="rows per forward pass (default 8)")
     d.add_argument("--cache_dir", default=None, help="where the token cache goes (default: beside the data)")
     d.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = p.parse_args(argv)
@@ -116,7 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         path = str(resolve_data_path(args.data_path, [], ""))
         model, tokenizer = model_from_args(args)
-        rows = rows_of(path, tokenizer, args.max_seq_len, args.cache_dir)
+        if args.max_seq_len > model.config.max_position_embeddings:
+            p.error(f"--max_seq_len {args.max_seq_len}: the model has {model.config.max_position_embeddings} positions")
+        rows = rows_of(path, tokenizer, args.max_seq_len, args.cache_dir, args.pad, args.doc_mask)
         if args.held_out:
             if args.held_out >= len(rows):
                 p.error(f"--held_out {args.held_out}: the data has {len(rows)} rows (text: packed rows of "

@@ -341,3 +341,15 @@ def test_resuming_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
     assert result.steps == 2 and result.history == []
     assert "already at step 2 of 2: nothing to train. Raise --max_steps" in capsys.readouterr().out
     assert ((tmp_path / "pretrain_64.pth").read_bytes(), (tmp_path / "pretrain_64_resume.pth").read_bytes()) == before
+
+
+def test_held_out_rows_whose_documents_cover_the_data_are_a_clear_error(tmp_path, capsys):
+    """One long document: every row shares it with the held-out row, so nothing is left to train on."""
+    from dataset import PretrainDataset
+
+    data = tmp_path / "one_doc.jsonl"
+    data.write_text('{"text": "' + "a long story about a tiny model " * 60 + '"}\n')
+    stage = Stage("pretrain", lambda args, tok: PretrainDataset(data, tok, 32, cache_dir=tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"--eval_size 1 leaves no rows to train on \(with the \d+ that share"):
+        train(stage, tiny_args("--out_dir", str(tmp_path), "--eval_size", "1"))
+    assert "rows share a document with held-out rows: left out of training" in capsys.readouterr().out

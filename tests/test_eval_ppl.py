@@ -56,7 +56,8 @@ def test_a_uniform_model_scores_ln_v_and_only_assistant_tokens_count(tok, tmp_pa
     assert result["bits_per_byte"] == pytest.approx((sum(supervised) - 6) * math.log2(6400) / result["bytes"])
 
 
-def test_held_out_rows_reproduce_the_training_runs_eval_loss(tok, tmp_path, capsys):
+@pytest.mark.parametrize("layout", [[], ["--pad"], ["--doc_mask"]])
+def test_held_out_rows_reproduce_the_training_runs_eval_loss(tok, tmp_path, capsys, layout):
     rng = random.Random(0)
     words = "the cat sat on a mat while the dog ran to the red house by the sea".split()
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": " ".join(rng.choices(words, k=60))} for _ in range(40)])
@@ -65,11 +66,11 @@ def test_held_out_rows_reproduce_the_training_runs_eval_loss(tok, tmp_path, caps
                                          "--max_steps", "3", "--eval_size", "8", "--dtype", "float32", "--device",
                                          "cpu", "--out_dir", str(tmp_path / "out"), "--save_weight", "pretrain",
                                          "--log_interval", "1", "--cache_dir", str(tmp_path / "cache")])
-    args.pad = args.doc_mask = False
+    args.pad, args.doc_mask = "--pad" in layout, "--doc_mask" in layout  # the pretrain script's own flags
     logged = train(Stage("pretrain", pretrain_data), args).history[-1]["eval/loss"]
 
     main(["--weight", "pretrain", "--hidden_size", "64", "--out_dir", str(tmp_path / "out"), "--device", "cpu",
-          "--held_out", "8", "--cache_dir", str(tmp_path / "cache"), "--json", *flags])
+          "--held_out", "8", "--cache_dir", str(tmp_path / "cache"), "--json", *flags, *layout])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["rows"] == 8 and result["loss"] == pytest.approx(logged, rel=1e-3)  # fp16 weights on disk
 
@@ -88,3 +89,17 @@ def test_dpo_pairs_and_missing_files_are_one_line_errors(tok, tmp_path, capsys):
         main(["--hidden_size", "64", "--out_dir", str(tmp_path), "--device", "cpu", "--held_out", "100000",
               "--cache_dir", str(tmp_path / "cache")])
     assert exit.value.code == 2 and "--held_out 100000: the data has" in capsys.readouterr().err
+
+
+def test_sentencepiece_tokens_count_their_spaces_and_raw_bytes():
+    """A Llama-style vocabulary: "▁" is a space, "<0xC3>" one byte (byte fallback)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁the": 1, "▁cat": 2, "<0xC3>": 3, "<0xA9>": 4, "s": 5}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    lengths = token_bytes(tok)
+    assert lengths[[1, 2, 5]].sum() == len(" the cats".encode()) and lengths[[3, 4]].sum() == len("é".encode())
+    assert lengths[0] == 0  # an added (special) token spells no text

@@ -159,12 +159,18 @@ def split_data(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> tu
     """The stage's rows as (train, held-out eval or None), checked for what would make a run pointless."""
     dataset = stage.build_dataset(args, tokenizer)
     if len(dataset) == 0:
-        raise ValueError(f"{getattr(args, 'data_path', None) or 'the dataset'} has no rows")
+        raise DataError(f"{getattr(args, 'data_path', None) or 'the dataset'} has no rows")
     if args.eval_size >= len(dataset):
-        raise ValueError(f"--eval_size {args.eval_size} leaves no rows to train on: the data has {len(dataset)}; "
-                         f"lower it (0: no held-out eval)")
+        raise DataError(f"--eval_size {args.eval_size} leaves no rows to train on: the data has {len(dataset)}; "
+                        f"lower it (0: no held-out eval)")
     train_set, eval_set = train_eval_split(dataset, eval_size=args.eval_size, seed=args.seed) if args.eval_size \
         else (dataset, None)
+    if left_out := len(dataset) - len(train_set) - len(eval_set or []):
+        rt.print(f"[data] {left_out} rows share a document with held-out rows: left out of training, so the eval "
+                 f"loss is on unseen text")
+    if not train_set:
+        raise DataError(f"--eval_size {args.eval_size} leaves no rows to train on (with the {left_out} that share "
+                        f"their documents); lower it (0: no held-out eval)")
     if rt.is_main:
         check_supervision(train_set, stage.collate, rt)
     return train_set, eval_set
@@ -196,8 +202,9 @@ def plan_steps(train_rows: int, args: Namespace, rt: Runtime) -> Plan:
     global_batch = args.batch_size * args.accumulation_steps * rt.world_size
     steps_per_epoch = math.ceil(train_rows / rt.world_size) // args.batch_size // args.accumulation_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"{train_rows} training rows make no step of {global_batch} rows (batch_size x "
-                         f"accumulation_steps x GPUs): lower --batch_size or --accumulation_steps, or add data")
+        raise DataError(f"{train_rows} training rows make no step of {global_batch} rows (batch_size x "
+                        f"accumulation_steps x GPUs): lower --batch_size, --accumulation_steps or --eval_size, or add "
+                        f"data")
     total = args.epochs * steps_per_epoch
     return Plan(global_batch, steps_per_epoch, min(args.max_steps, total) if args.max_steps else total)
 
@@ -406,6 +413,7 @@ def train(stage: Stage, args: Namespace) -> Result:
     step, run_id = 0, None
     if saved is not None:
         step, run_id = restore(saved, resume_file, raw, optimizer, scaler, args, plan, rt)
+        del saved  # a CPU copy of the weights and the optimizer state: not for the whole run
         rt.print(f"[resume] {resume_file} at step {step}/{total}")
         if step >= total:
             rt.print(f"[resume] the run is already at step {step} of {total}: nothing to train. Raise --max_steps "
