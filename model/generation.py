@@ -180,19 +180,32 @@ class ReplyStream:
 THINK_START, THINK_END = "<think>", "</think>"  # how the chat template shows reasoning_content
 
 
+def answer_start(text: str, done: bool = True) -> int | None:
+    """Where the answer begins in a reply: after a leading ``<think>…</think>`` block, else at 0; None while that
+    block is still open, or (mid-reply, ``done=False``) while the reply may yet open one."""
+    head = len(text) - len(text.lstrip())
+    if not text.startswith(THINK_START, head):
+        return None if not done and THINK_START.startswith(text[head:]) else 0
+    end = text.find(THINK_END, head)
+    return None if end < 0 else end + len(THINK_END)
+
+
 def split_reasoning(text: str, done: bool = True) -> tuple[str, str]:
     """(reasoning, answer) of a reply: a leading ``<think>\\n…\\n</think>\\n\\n`` block is the reasoning, the rest is
     the answer; a reply without one is all answer. Mid-reply (``done=False``) what may still change is held back (a
     beginning that may become ``<think>``, an end that may become ``</think>``, trailing newlines), so each call's
     result extends the previous one's."""
-    head = text.lstrip()
-    if not head.startswith(THINK_START):
-        return ("", "") if not done and THINK_START.startswith(head) else ("", text)
-    body = head[len(THINK_START):].lstrip("\n")
-    end = body.find(THINK_END)
-    if end >= 0:
-        return body[:end].rstrip("\n"), body[end + len(THINK_END):].lstrip("\n")
-    return (body if done else body[:len(body) - partial_marker(body, [THINK_END])]).rstrip("\n"), ""
+    start = answer_start(text, done)
+    if start == 0:
+        return "", text
+    begin = text.find(THINK_START)
+    if begin < 0:  # not a block yet, but may become one
+        return "", ""
+    begin += len(THINK_START)
+    if start is None:  # the block is still open
+        body = text[begin:]
+        return (body if done else body[:len(body) - partial_marker(body, [THINK_END])]).strip("\n"), ""
+    return text[begin:start - len(THINK_END)].strip("\n"), text[start:].lstrip("\n")
 
 
 class ReasoningSplit:

@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from model.generation import (THINK_END, THINK_START, ReasoningSplit, ReplyStream, chat_prompt, generation_config,
+from model.generation import (ReasoningSplit, ReplyStream, answer_start, chat_prompt, generation_config,
                               partial_marker, split_reasoning)
 from model.loading import add_model_args, model_from_args
 
@@ -146,26 +146,17 @@ class ReplyText:
             self.text, self.stopped = self.text[:min(hits)], True
         # Hold back an end that may grow into a stop string or a <tool_call> with the next piece.
         end = len(self.text) if self.stopped else len(self.text) - partial_marker(self.text, self.markers)
-        answer = self.answer_start()
+        answer = answer_start(self.text, done=False)
         if self.tools and answer is not None and (call := self.text.find(TOOL_CALL_START, max(self.sent, answer))) >= 0:
             end = min(end, call)
         safe = self.text[self.sent:max(end, self.sent)]
         self.sent += len(safe)
         return safe
 
-    def answer_start(self, done: bool = False) -> int | None:
-        """Where the answer begins: after a leading ``<think>…</think>`` block, else at 0; None while that block
-        is still open (or the reply may yet open one)."""
-        head = len(self.text) - len(self.text.lstrip())
-        if not self.text.startswith(THINK_START, head):
-            return None if not done and THINK_START.startswith(self.text[head:]) else 0
-        end = self.text.find(THINK_END, head)
-        return None if end < 0 else end + len(THINK_END)
-
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The text not sent yet, less the answer's parseable tool calls, and those calls in OpenAI's shape."""
         rest, self.sent = self.text[self.sent:], len(self.text)
-        answer = self.answer_start(done=True)
+        answer = answer_start(self.text)
         if not self.tools or answer is None:
             return rest, []
         thinking = max(0, answer - (len(self.text) - len(rest)))  # the part of rest still inside the think block

@@ -444,8 +444,7 @@ def train(stage: Stage, args: Namespace) -> Result:
         if rt.is_main:
             stage.save_weights(raw, weights_file)
             save_resume(resume_file, stage=stage.name, shape=shape_of(config), tokenizer_vocab=config.tokenizer_vocab,
-                        model=raw.state_dict(),
-                        optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                        model=raw.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
                         global_batch=plan.global_batch, steps_per_epoch=plan.steps_per_epoch,
                         world_size=rt.world_size, run_id=logger.run_id, args=vars(args))
         last_saved = step

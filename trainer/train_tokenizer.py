@@ -193,8 +193,9 @@ def check_overwrite(tokenizer: Tokenizer, out_dir: Path) -> None:
     if old_vocab == tokenizer.get_vocab():
         return
     raise TokenizerError(
-        f"{old_file} holds a tokenizer with another vocabulary. Replacing it makes every checkpoint trained with it "
-        f"(out/*.pth when this is model/) garbage: they would still load, with ids that mean other tokens. Save "
+        f"{old_file} holds a tokenizer with another vocabulary. Replacing it breaks every checkpoint trained with it "
+        f"(out/*.pth when this is model/): they are refused, or, made before checkpoints recorded their vocabulary, "
+        f"load with ids that mean other tokens. Save "
         f"the new one elsewhere with --out_dir some/new/folder (eval_llm.py --tokenizer and "
         f"model.loading.load_tokenizer(path) read any folder; the trainers always use model/), or pass --force "
         f"to replace it")
