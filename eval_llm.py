@@ -2,7 +2,7 @@
 
     python eval_llm.py --weight full_sft                     # out/full_sft_512.pth; asks: [0] auto test [1] chat
     python eval_llm.py --weight pretrain --mode auto         # a pretrained model continues text (no chat template)
-    python eval_llm.py --weight full_sft --lora_weight identity --history_cnt 4
+    python eval_llm.py --weight full_sft --lora_weight identity --history_cnt 4     # or --historys 4
     python eval_llm.py --load_from out/full_sft_512-hf       # a transformers folder (scripts/convert_model.py)
     python eval_llm.py --weight ~/Downloads/full_sft_512.pth --tokenizer ~/minimind/model   # MiniMind's weights
     printf '你好\\n/clear\\n1+1=?\\n' | python eval_llm.py --temperature 0    # scripted: prompts from stdin
@@ -23,7 +23,7 @@ import torch
 
 from model.generation import ReasoningSplit, ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
 from model.loading import add_model_args, model_from_args, weight_arg
-from scripts.metrics import CHAT_PROMPTS, PLAIN_PROMPTS, ngram_repetition
+from model.metrics import CHAT_PROMPTS, PLAIN_PROMPTS, ngram_repetition
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     c = p.add_argument_group("session (会话)")
     c.add_argument("--mode", choices=["auto", "chat"], default=None,
                    help="auto: the eight fixed prompts; chat: your prompts (default: ask, or chat when stdin is piped)")
-    c.add_argument("--history_cnt", type=int, default=0,
+    c.add_argument("--history_cnt", "--historys", type=int, default=0,  # --historys: MiniMind's current name
                    help="past messages kept in a chat, as MiniMind counts them: 2 = the last question and answer")
     c.add_argument("--max_context", type=int, default=0,
                    help="sliding window: drop the oldest turns until the prompt fits this many tokens (0: off)")

@@ -11,15 +11,20 @@ Generation stops at ``<|im_end|>`` or ``<|endoftext|>`` (both are eos ids), or a
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (GenerationConfig, StopStringCriteria, StoppingCriteria, StoppingCriteriaList,
+                          TextIteratorStreamer)
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # ids 2 and 0 in MiniMind's tokenizer and ours
+# Sampling at a temperature this low is argmax in all but name (a logit gap of 0.001 becomes a factor e^100), and far
+# lower ones overflow the scaled logits to inf (1e-45 crashed sampling): below it, generation is greedy.
+GREEDY_BELOW = 1e-5
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -40,12 +45,13 @@ def generation_config(
     repetition_penalty: float = 1.0,
     num_beams: int = 1,
 ) -> GenerationConfig:
-    """Sampling settings with the stop ids filled in. ``temperature <= 0`` means greedy (argmax); ``top_k=0`` is off."""
+    """Sampling settings with the stop ids filled in. ``temperature`` below ``GREEDY_BELOW`` (0 included) means greedy
+    (argmax); ``top_k=0`` is off."""
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
     common = dict(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, num_beams=num_beams,
                   repetition_penalty=repetition_penalty, bos_token_id=tokenizer.bos_token_id)
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         # Leave the sampling fields unset: transformers warns about them when do_sample is False.
         return GenerationConfig(do_sample=False, **common)
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
@@ -100,7 +106,9 @@ class _CountingStreamer(TextIteratorStreamer):
 class ReplyStream:
     """One reply, generated in a worker thread and read as text pieces by iterating.
 
-    Leaving the loop early (break, Ctrl-C, a closed HTTP stream) stops generation at the next token. After the loop:
+    Creating one does the preparation (the prompt's tokens, the tables that find ``config.stop_strings``: seconds
+    for long ones), so a server can prepare a stream before it waits for its turn to generate. Leaving the loop early
+    (break, Ctrl-C, a closed HTTP stream) stops generation at the next token. After the loop:
     ``text``, ``prompt_tokens``, ``completion_tokens``, ``seconds``, ``tokens_per_second`` and ``finish_reason``
     (``"stop"`` at a stop token, ``"length"`` at ``max_new_tokens``). Beam search cannot stream in transformers:
     with ``num_beams > 1`` the whole reply arrives as one piece.
@@ -112,6 +120,11 @@ class ReplyStream:
         self.prompt_tokens = self.input_ids.shape[1]
         self.completion_tokens, self.seconds, self.text, self.finish_reason = 0, 0.0, "", "stop"
         self._cancel = threading.Event()
+        # transformers matches stop strings on tokens, with tables it builds from the whole vocabulary: built here, and
+        # generate gets a config without them, so it does not build them again
+        self._stop_strings = [StopStringCriteria(tokenizer, config.stop_strings)] if config.stop_strings else []
+        self._generate_config = copy.deepcopy(config)
+        self._generate_config.stop_strings = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -131,12 +144,10 @@ class ReplyStream:
             self.text = "".join(pieces)
 
     def _generate(self, **kwargs: Any) -> torch.Tensor:
-        if self.config.stop_strings:  # transformers matches stop strings on tokens, with the tokenizer's help
-            kwargs["tokenizer"] = self.tokenizer
         with torch.inference_mode():
             return self.model.generate(
-                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=self.config,
-                stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel)]), **kwargs,
+                self.input_ids, attention_mask=torch.ones_like(self.input_ids), generation_config=self._generate_config,
+                stopping_criteria=StoppingCriteriaList([_Cancel(self._cancel), *self._stop_strings]), **kwargs,
             )
 
     def _stream(self) -> Iterator[str]:

@@ -336,6 +336,7 @@ def load_model(
     if rope_scaling:
         config.rope_scaling = rope_scaling
     model = MiniMindForCausalLM(config)
+    model.name_or_path = str(source)  # where it came from, as from_pretrained records it (the server names it)
     load_state_dict_into(model, state, source)
     if lora:
         _merge_lora_file(model, lora, directory)

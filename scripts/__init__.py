@@ -1,1 +1,1 @@
-"""Command-line tools: download data, convert, serve, benchmark; shared text metrics."""
+"""Command-line tools: download data, convert, serve, benchmark."""

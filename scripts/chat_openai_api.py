@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 
-from openai import APIError, OpenAI
+from openai import APIConnectionError, APIError, OpenAI
 
 
 # A reasoning model's thinking is shown dimmed (on a terminal), and kept out of the history.
@@ -39,6 +39,10 @@ def reply(client: OpenAI, args: argparse.Namespace, messages: list[dict[str, str
                     text, thinking = text + piece, False
     except KeyboardInterrupt:
         print(f"{PLAIN} [interrupted]")
+        return None
+    except APIConnectionError as e:  # its message is only "Connection error." (or "Request timed out.")
+        print(f"{PLAIN}\nerror: {e} Nothing answered at {client.base_url}: is scripts/serve_openai_api.py running "
+              "there? (--base_url)")
         return None
     except APIError as e:
         print(f"{PLAIN}\nerror: {e}")

@@ -7,13 +7,16 @@
 
 Sources: ModelScope `gongjy/minimind_dataset` (default, fast in China) or Hugging Face
 `jingyaogong/minimind_dataset` (honours HF_ENDPOINT, e.g. https://hf-mirror.com). An interrupted download
-leaves `<file>.part`; running the same command again resumes it with an HTTP Range request. The URL patterns
+leaves `<file>.part`; running the same command again resumes it with an HTTP Range request. What arrives is checked
+before it replaces anything: its size when the server announces one, and a .jsonl must start with a line of JSON (a
+hub can answer 200 with an HTML error page). Names are file names: no folders, no '..'. The URL patterns
 below follow the two hubs' documented "resolve" links; they were not tested against the live hubs from here.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -29,6 +32,7 @@ from dataset.lm_dataset import DATA_DIR, KNOWN_FILES
 
 DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
 CHUNK = 1 << 20
+FIRST_LINE_LIMIT = 16 << 20  # a .jsonl whose first line is longer than this is no data file of ours
 
 class DownloadError(RuntimeError):
     pass
@@ -103,6 +107,7 @@ def download_file(url: str, dest: Path, expected_size: int | None = None, retrie
                 if expected_size is not None and have != expected_size:
                     part.unlink()
                     raise DownloadError(f"{url}: got {have} bytes, expected {expected_size}")
+                check_content(part, dest, url)
                 os.replace(part, dest)
                 return dest
             if have > total:
@@ -112,7 +117,30 @@ def download_file(url: str, dest: Path, expected_size: int | None = None, retrie
         if attempt < retries:
             print(f"[download] {error}; retrying ({attempt + 1}/{retries})", file=sys.stderr)
             time.sleep(min(2 ** attempt, 10))
-    raise DownloadError(f"{url}: {error}. Run the same command again to resume from {part}")
+    resume = f". Run the same command again to resume from {part}" if part.exists() else ""
+    raise DownloadError(f"{url}: {error}{resume}")
+
+
+def check_content(part: Path, dest: Path, url: str) -> None:
+    """Refuse (and delete) a download that is not what its name says: a .jsonl must start with a line of JSON. A
+    server can answer 200 with an HTML error page of no announced size; ``dest``, if there, stays as it was."""
+    if dest.suffix != ".jsonl":
+        return
+    with open(part, "rb") as f:
+        first = f.readline(FIRST_LINE_LIMIT)
+    try:
+        json.loads(first)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both are
+        part.unlink()
+        kept = f"; {dest} is unchanged" if dest.exists() else ""
+        raise DownloadError(f"{url}: what arrived is not JSON lines (it begins {first[:60]!r}): an error page? "
+                            f"Deleted it{kept}") from None
+
+
+def check_name(name: str) -> None:
+    """A file name is all it may be: with a folder or '..' in it, the file would land outside --out_dir."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        sys.exit(f"[download] refused {name!r}: give a file name, without folders or '..' (--out_dir says where)")
 
 
 def print_list() -> None:
@@ -137,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.list or not args.files:
         print_list()
         return
+    for name in args.files:
+        check_name(name)
     for name in args.files:
         dest = args.out_dir / name
         if dest.exists() and not args.force:

@@ -10,7 +10,9 @@ Bad requests get an OpenAI-style error (``{"error": {"message", "type", "param",
 
 ``tools`` go into the prompt through the chat template; when the request has them, the reply's parseable
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks come back as ``tool_calls`` (finish_reason
-``"tool_calls"``). ``stop`` strings end a reply before them. A client that hangs up stops its generation.
+``"tool_calls"``). ``stop`` strings (up to 4, each up to 64 characters) end a reply before them. A temperature below
+1e-5 means greedy, as 0 does. A client that hangs up stops its generation. A reply that fails midway ends its stream
+with an error event and ``data: [DONE]``; the client learns only that the server failed, its log the details.
 
 A reply that opens with ``<think>…</think>`` (a model trained on reasoning_content, which the chat template renders
 so) comes back split, as DeepSeek's API does: the thinking as ``reasoning_content``, the answer as ``content``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import secrets
@@ -28,6 +31,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any, Literal
 
 import anyio
@@ -39,11 +43,18 @@ from starlette.concurrency import run_in_threadpool
 
 from model.generation import (ReasoningSplit, ReplyStream, answer_start, chat_prompt, generation_config,
                               partial_marker, split_reasoning)
-from model.loading import add_model_args, model_from_args
+from model.loading import add_model_args, lora_arg, model_from_args
 
 
 TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # how the chat template shows a call
 TOOL_CALL_START = "<tool_call>"
+# Stop strings as OpenAI bounds them (up to 4), and short: real ones are markers ("\n\n", "User:", "</answer>"), while
+# transformers builds tables for each from the whole vocabulary, in time and memory that grow with the length: 4 x 64
+# characters took 0.6-0.8 s and at most ~7 MB here (it caches 8 such sets); one 20,000-character string took 35 s.
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+INTERNAL_ERROR = "the server failed to answer this request (the details are in its log)"
+
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: its format, its --log-level
 
 
 class FunctionCall(BaseModel):
@@ -111,8 +122,10 @@ class ChatRequest(BaseModel):
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> list[str]:
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 4 or "" in stops:
-            raise ValueError("stop takes a string or a list of up to 4 strings, none of them empty")
+        if len(stops) > MAX_STOPS or "" in stops:
+            raise ValueError(f"stop takes a string or a list of up to {MAX_STOPS} strings, none of them empty")
+        if longest := max((s for s in stops if len(s) > MAX_STOP_CHARS), key=len, default=None):
+            raise ValueError(f"a stop string may be at most {MAX_STOP_CHARS} characters, not {len(longest)}")
         return stops
 
 
@@ -122,9 +135,13 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
 
 
 class ReplyText:
@@ -222,9 +239,11 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
     app = FastAPI(title="minimind-lab OpenAI-compatible API")
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)
-    lock = asyncio.Lock()  # one generation at a time; waiting requests queue here
-    context = model.config.max_position_embeddings
+    lock = app.state.generation_lock = asyncio.Lock()  # one generation at a time; waiting requests queue here
     created = int(time.time())
+    listing = {"id": model_name, "object": "model", "created": created, "owned_by": "minimind-lab"}
+    if model.name_or_path:  # the file's name only: where it lies on the server is no client's business
+        listing["root"] = Path(model.name_or_path).name
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -240,99 +259,143 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
 
     @app.exception_handler(Exception)
     async def _server_error(request: Request, e: Exception) -> JSONResponse:
-        return error_response(500, f"{type(e).__name__}: {e}")
+        # The client learns only that it failed; the server (uvicorn) logs the traceback after this handler.
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
+        return error_response(500, INTERNAL_ERROR)
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "minimind-lab"}]}
+        return {"object": "list", "data": [listing]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse_request(await read_body(request, max_body_bytes))
-        if req.n not in (None, 1):
-            raise ApiError(400, "only n=1 is supported", "n")
-        prompt = chat_prompt(tokenizer, [m.for_template() for m in req.messages], req.tools or None)
-        requested = req.max_completion_tokens or req.max_tokens
-        if requested and requested > max_tokens:
-            raise ApiError(400, f"max_tokens is {requested}, this server allows at most {max_tokens}", "max_tokens")
-        prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        budget = requested or min(max_tokens, context - prompt_tokens)
-        if budget < 1 or prompt_tokens + budget > context:
-            raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({budget}) exceed the model's "
-                                f"context of {context} tokens", "messages", "context_length_exceeded")
-        temperature = 0.85 if req.temperature is None else req.temperature
-        config = generation_config(tokenizer, budget, temperature, 0.85 if req.top_p is None else req.top_p)
-        config.stop_strings = req.stop or None  # generation ends at a stop string; ReplyText cuts the text before it
-        reply_id, name = f"chatcmpl-{uuid.uuid4().hex}", req.model or model_name
-
-        def start() -> tuple[ReplyStream, ReplyText]:
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            return ReplyStream(model, tokenizer, prompt, config), ReplyText(req.stop, bool(req.tools))
-
-        def finish_reason(stream: ReplyStream, text: ReplyText, calls: list[dict[str, Any]]) -> str:
-            return "tool_calls" if calls else "stop" if text.stopped else stream.finish_reason
-
-        if not req.stream:
-            async with lock:
-                stream, text = start()
-                sent: list[str] = []
-                async with aclosing(safe_text(stream, text)) as pieces:
-                    async for piece in pieces:
-                        if await request.is_disconnected():  # stop generating for a client that hung up
-                            return Response(status_code=499)  # nobody reads it
-                        sent.append(piece)
-            rest, calls = text.finish()
-            reasoning, answer = split_reasoning("".join(sent) + rest)
-            message = {"role": "assistant", "content": answer}
-            if reasoning:
-                message["reasoning_content"] = reasoning
-            if calls:
-                message.update(content=answer.strip() or None, tool_calls=calls)
-            return {"id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(stream, text, calls)}],
-                    "usage": usage(stream)}
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            body = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        def deltas(reasoning: str, answer: str) -> Iterator[str]:
-            if reasoning:
-                yield chunk({"reasoning_content": reasoning})
-            if answer:
-                yield chunk({"content": answer})
-
-        async def events() -> AsyncIterator[str]:
-            async with lock:
-                stream, text, split = *start(), ReasoningSplit()
-                async with aclosing(safe_text(stream, text)) as pieces:
-                    yield chunk({"role": "assistant", "content": ""})
-                    async for piece in pieces:
-                        for event in deltas(*split.feed(piece)):
-                            yield event
-                rest, calls = text.finish()
-                reasoning, answer = split.feed(rest, done=True)
-                if calls and not answer.strip():  # the whitespace around tool calls is no content
-                    answer = ""
-                for event in deltas(reasoning, answer):
-                    yield event
-                if calls:
-                    yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-                yield chunk({}, finish_reason(stream, text, calls))
-                if include_usage:
-                    body = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                            "model": name, "choices": [], "usage": usage(stream)}
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        # Tokenizing a long prompt and building stop-string tables take a while: in a worker thread, before the lock.
+        job = await run_in_threadpool(prepare, req, model, tokenizer, max_tokens, model_name)
+        if req.stream:
+            return StreamingResponse(events(job, lock), media_type="text/event-stream")
+        return await complete(job, lock, request) or Response(status_code=499)  # nobody reads a 499
 
     return app
+
+
+class Job:
+    """A checked request, ready to generate: its prompt tokenized, its stop strings prepared (``ReplyStream``)."""
+
+    def __init__(self, req: ChatRequest, stream: ReplyStream, model_name: str):
+        self.req, self.stream, self.model_name = req, stream, req.model or model_name
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.text = ReplyText(req.stop, bool(req.tools))
+
+
+def prepare(req: ChatRequest, model, tokenizer, max_tokens: int, model_name: str) -> Job:
+    """The generation ``req`` asks for, refused (ApiError) when it asks for too much."""
+    if req.n not in (None, 1):
+        raise ApiError(400, "only n=1 is supported", "n")
+    requested = req.max_completion_tokens or req.max_tokens
+    if requested and requested > max_tokens:
+        raise ApiError(400, f"max_tokens is {requested}, this server allows at most {max_tokens}", "max_tokens")
+    prompt = chat_prompt(tokenizer, [m.for_template() for m in req.messages], req.tools or None)
+    prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+    budget = reply_budget(prompt_tokens, requested, max_tokens, model.config.max_position_embeddings)
+    temperature = 0.85 if req.temperature is None else req.temperature
+    config = generation_config(tokenizer, budget, temperature, 0.85 if req.top_p is None else req.top_p)
+    config.stop_strings = req.stop or None  # generation ends at a stop string; ReplyText cuts the text before it
+    return Job(req, ReplyStream(model, tokenizer, prompt, config), model_name)
+
+
+def reply_budget(prompt_tokens: int, requested: int | None, max_tokens: int, context: int) -> int:
+    """The tokens a reply may take: ``requested`` (max_tokens), else as many as the server and the context allow."""
+    room = context - prompt_tokens
+    if room < 1:
+        message = (f"the prompt is {prompt_tokens} tokens and the model's context {context}: no room is left for a "
+                   "reply (shorten the messages)")
+    elif requested and requested > room:
+        message = (f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceed the model's context of "
+                   f"{context} tokens: ask for at most {room}")
+    else:
+        return requested or min(max_tokens, room)
+    raise ApiError(400, message, "messages", "context_length_exceeded")
+
+
+def seed(job: Job) -> None:
+    """Under the lock, right before generating: torch's generator is shared by all requests."""
+    if job.req.seed is not None:
+        torch.manual_seed(job.req.seed)
+
+
+def finish_reason(job: Job, calls: list[dict[str, Any]]) -> str:
+    return "tool_calls" if calls else "stop" if job.text.stopped else job.stream.finish_reason
+
+
+async def complete(job: Job, lock: asyncio.Lock, request: Request) -> dict[str, Any] | None:
+    """The whole reply as one chat.completion; None when the client hung up (generation then stops)."""
+    async with lock:
+        seed(job)
+        sent: list[str] = []
+        async with aclosing(safe_text(job.stream, job.text)) as pieces:
+            async for piece in pieces:
+                if await request.is_disconnected():
+                    return None
+                sent.append(piece)
+    rest, calls = job.text.finish()
+    reasoning, answer = split_reasoning("".join(sent) + rest)
+    message = {"role": "assistant", "content": answer}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message.update(content=answer.strip() or None, tool_calls=calls)
+    return {"id": job.id, "object": "chat.completion", "created": int(time.time()), "model": job.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(job, calls)}],
+            "usage": usage(job.stream)}
+
+
+def event(body: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def chunk(job: Job, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
+    """A chat.completion.chunk event: a ``delta`` of the reply (None: no choice, as in the closing usage chunk)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return event({"id": job.id, "object": "chat.completion.chunk", "created": int(time.time()), "model": job.model_name,
+                  "choices": choices, **extra})
+
+
+def deltas(job: Job, reasoning: str, answer: str) -> Iterator[str]:
+    if reasoning:
+        yield chunk(job, {"reasoning_content": reasoning})
+    if answer:
+        yield chunk(job, {"content": answer})
+
+
+async def events(job: Job, lock: asyncio.Lock) -> AsyncIterator[str]:
+    """The reply as server-sent events, always ending in ``data: [DONE]``: after an error event if generation failed
+    (the status line, 200, was sent before)."""
+    try:
+        async with lock:
+            seed(job)
+            split = ReasoningSplit()
+            async with aclosing(safe_text(job.stream, job.text)) as pieces:
+                yield chunk(job, {"role": "assistant", "content": ""})
+                async for piece in pieces:
+                    for text in deltas(job, *split.feed(piece)):
+                        yield text
+            rest, calls = job.text.finish()
+            reasoning, answer = split.feed(rest, done=True)
+            if calls and not answer.strip():  # the whitespace around tool calls is no content
+                answer = ""
+            for text in deltas(job, reasoning, answer):
+                yield text
+            if calls:
+                yield chunk(job, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+            yield chunk(job, {}, finish_reason(job, calls))
+            if job.req.stream_options and job.req.stream_options.include_usage:
+                yield chunk(job, None, usage=usage(job.stream))
+    except Exception:  # not a hang-up (that cancels): the client gets an error event, the log the traceback
+        log.exception("streamed reply %s failed", job.id)
+        yield event(error_body(500, INTERNAL_ERROR))
+    yield "data: [DONE]\n\n"
 
 
 async def safe_text(stream: ReplyStream, text: ReplyText) -> AsyncIterator[str]:
@@ -394,7 +457,9 @@ def main() -> None:
         model, tokenizer = model_from_args(args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"{model.params_summary()} on {model.device}; serving http://{args.host}:{args.port}/v1", flush=True)
+    lora = f" + LoRA {lora_arg(args)}" if lora_arg(args) else ""
+    print(f"serving {model.name_or_path}{lora} ({model.params_summary()} on {model.device}) at "
+          f"http://{args.host}:{args.port}/v1", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use it",
               flush=True)

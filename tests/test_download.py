@@ -8,8 +8,11 @@ import pytest
 
 from scripts.download_data import DownloadError, download_file, file_url, main
 
-FILES = {"/data.jsonl": bytes(range(256)) * 4000, "/small.jsonl": b'{"text": "hi"}\n'}
+LINE = b'{"text": "' + b"x" * 1011 + b'"}\n'  # 1,024 bytes
+FILES = {"/data.jsonl": LINE * 1000, "/small.jsonl": b'{"text": "hi"}\n',
+         "/sft.jsonl": b"<!DOCTYPE html><html><body>Rate limit exceeded</body></html>"}
 LYING = "/short.jsonl"  # announces more bytes than it sends
+UNSIZED = {"/sft.jsonl"}  # an error page answered with 200 and no Content-Length
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -30,7 +33,8 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         sent = body[start:] if self.path != LYING else body[start:len(body) // 2]
-        self.send_header("Content-Length", str(len(body) - start))
+        if self.path not in UNSIZED:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         self.wfile.write(sent)
 
@@ -111,3 +115,40 @@ def test_list(capsys):
     main(["--list"])
     out = capsys.readouterr().out
     assert "sft_t2t_mini.jsonl" in out and "pretrain_hq.jsonl" in out and "1.6 GB" in out
+
+
+def test_an_error_page_is_not_saved_and_the_old_file_stays(server, tmp_path):
+    old = tmp_path / "sft.jsonl"
+    old.write_text('{"conversations": []}\n')
+    with pytest.raises(SystemExit, match=r"not JSON lines \(it begins b'<!DOCTYPE html>.*an error page\?.*unchanged"):
+        main(["--base_url", url(server), "--out_dir", str(tmp_path), "--force", "sft.jsonl"])
+    assert old.read_text() == '{"conversations": []}\n' and not list(tmp_path.glob("*.part"))
+
+
+@pytest.mark.parametrize("name", ["../blob.bin", "sub/blob.bin", "..", "a\\b.jsonl"])
+def test_a_name_with_a_folder_is_refused(server, tmp_path, name):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="refused"):
+        main(["--base_url", url(server), "--out_dir", str(out), "small.jsonl", name])
+    assert server.requests == [] and not list(tmp_path.rglob("*blob*"))  # refused before anything was fetched
+
+
+def test_resume_is_offered_only_when_there_is_a_part(tmp_path):
+    from tests.test_server import free_port
+
+    with pytest.raises(DownloadError) as failed:  # nothing listens there: not one byte arrived
+        download_file(f"http://127.0.0.1:{free_port()}/data.jsonl", tmp_path / "data.jsonl", retries=0)
+    assert "resume" not in str(failed.value) and not list(tmp_path.iterdir())
+
+
+def test_a_lora_name_minimind_does_not_publish_gets_no_download_hint(tmp_path, monkeypatch, capsys):
+    import dataset.lm_dataset as lm
+    from trainer.train_lora import parse
+
+    monkeypatch.setattr(lm, "DATA_DIR", tmp_path)
+    for name, published in (("medical", True), ("mine", False)):
+        with pytest.raises(SystemExit):
+            parse(["--device", "cpu", "--lora_name", name])
+        err = capsys.readouterr().err
+        assert (f"download_data.py lora_{name}.jsonl" in err) == published, err
+        assert (f"MiniMind publishes no lora_{name}.jsonl" in err) != published and "--data_path" in err

@@ -1,6 +1,6 @@
 import pytest
 
-from scripts.metrics import ngram_repetition, windowed_repetition
+from model.metrics import ngram_repetition, windowed_repetition
 
 
 def test_ngram_repetition_hand_made():

@@ -28,9 +28,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def out(tmp_path_factory):
+    """The server's --out_dir, with its checkpoint and its log."""
     out = tmp_path_factory.mktemp("out")
     tiny_checkpoint(out, max_position_embeddings=8192)  # room for a reply long enough to hang up on
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(out):
     port = free_port()
     log = open(out / "server.log", "w")
     proc = subprocess.Popen(
@@ -77,6 +83,11 @@ def test_openai_client_streamed_equals_non_streamed(server):
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+def test_the_server_names_the_checkpoint_it_serves(server, out):
+    assert f"serving {out / 'full_sft_64.pth'} (Params: " in (out / "server.log").read_text()
+    assert api.get(f"{server}/models").json()["data"][0]["root"] == "full_sft_64.pth"  # the name, not the path
+
+
 def test_raw_stream_ends_with_done(server):
     body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 5, "temperature": 0}
     lines = [line for line in api.post(f"{server}/chat/completions", json=body, timeout=60).text.split("\n") if line]
@@ -96,6 +107,7 @@ def test_raw_stream_ends_with_done(server):
     b'{"messages": [{"role": "user", "content": "hi"}], "seed": 99999999999999999999999}',  # over 64 bits
     b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}',
     b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}',
+    b'{"messages": [{"role": "user", "content": "hi"}], "stop": "' + b"x" * 65 + b'"}',  # over 64 characters
     b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}',  # over the 1 MB body limit
 ])
 def test_bad_requests_get_4xx_openai_errors_and_the_server_keeps_serving(server, body):
@@ -227,14 +239,17 @@ def test_reply_text_never_sends_a_stop_string_or_a_tool_call():
     assert sent + rest == thought + "Sure. " and [call["function"]["name"] for call in calls] == ["g"]
 
 
-def scripted_reply(pieces: list[str]) -> type:
-    """A ReplyStream that says ``pieces`` instead of asking the model: a tiny random model never calls a tool."""
+def scripted_reply(pieces: list[str], then_fail: str | None = None) -> type:
+    """A ReplyStream that says ``pieces`` instead of asking the model (a tiny random model never calls a tool), and
+    then raises RuntimeError(``then_fail``) if given."""
     from model.generation import ReplyStream
 
     class Scripted(ReplyStream):
         def __iter__(self):
             self.completion_tokens, self.text = len(pieces), "".join(pieces)
             yield from pieces
+            if then_fail:
+                raise RuntimeError(then_fail)
 
     return Scripted
 
@@ -352,6 +367,90 @@ def test_the_chat_client_prints_errors_and_goes_on(server):
              stdin="hi\n/clear\nhello\n")
     assert ok.returncode == 0 and "error" not in ok.stdout and ok.stdout.count("🤖: ") == 2
     assert ok.stdout.startswith("👶: hi\n🤖: ") and "\n(history cleared / 历史已清空)\n👶: hello\n🤖: " in ok.stdout
-    down = run(chat, "--base_url", f"http://127.0.0.1:{free_port()}/v1", stdin="hi\n")
+    nobody = f"http://127.0.0.1:{free_port()}/v1"
+    down = run(chat, "--base_url", nobody, stdin="hi\n")
     assert down.returncode == 0 and "error: Connection error." in down.stdout, down.stderr
+    assert f"Nothing answered at {nobody}/" in down.stdout  # the URL it tried
     assert run(chat, "--history_cnt", "3").returncode == 2
+
+
+def test_stop_strings_are_prepared_before_waiting_for_the_generation_lock(app, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import model.generation
+    from scripts.serve_openai_api import MAX_STOP_CHARS, MAX_STOPS
+
+    built = []
+
+    class Recording(model.generation.StopStringCriteria):  # transformers' tables: seconds for long stop strings
+        def __init__(self, tokenizer, stops):
+            built.append((list(stops), app.state.generation_lock.locked()))
+            super().__init__(tokenizer, stops)
+
+    monkeypatch.setattr(model.generation, "StopStringCriteria", Recording)
+    stops = [f"{i}" * MAX_STOP_CHARS for i in range(MAX_STOPS)]  # as many and as long as allowed
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 4, "stop": stops})
+    assert reply.status_code == 200
+    assert built == [(stops, False)], "the stop strings were not prepared before taking the lock"
+
+
+def test_a_tiny_temperature_is_greedy(app):
+    from fastapi.testclient import TestClient
+
+    ask = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    with TestClient(app) as client:
+        replies = [client.post("/v1/chat/completions", json={**ask, "temperature": t}) for t in (0, 1e-45, 1e-6)]
+    assert [r.status_code for r in replies] == [200] * 3, replies[1].text
+    assert len({r.json()["choices"][0]["message"]["content"] for r in replies}) == 1
+
+
+SECRET = "internal detail /home/secret/path"
+
+
+def test_a_failed_reply_is_a_500_without_internal_text_and_is_logged(app, monkeypatch, caplog):
+    from fastapi.testclient import TestClient
+
+    from scripts import serve_openai_api
+
+    monkeypatch.setattr(serve_openai_api, "ReplyStream", scripted_reply(["Hel", "lo"], then_fail=SECRET))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        reply = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert reply.status_code == 500 and SECRET not in reply.text
+    assert reply.json()["error"] == {"message": serve_openai_api.INTERNAL_ERROR, "type": "server_error",
+                                     "param": None, "code": None}
+    assert SECRET in caplog.text  # the server's log has what went wrong
+
+
+def test_a_stream_that_fails_ends_with_an_error_event_and_done(app, monkeypatch, caplog):
+    from fastapi.testclient import TestClient
+
+    from scripts import serve_openai_api
+
+    monkeypatch.setattr(serve_openai_api, "ReplyStream", scripted_reply(["Hel", "lo"], then_fail=SECRET))
+    with TestClient(app) as client:
+        body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "stream": True}).text
+    events = [line.removeprefix("data: ") for line in body.split("\n") if line]
+    assert events[-1] == "[DONE]" and SECRET not in body
+    assert json.loads(events[-2])["error"]["message"] == serve_openai_api.INTERNAL_ERROR
+    assert "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-2]) == "Hello"
+    assert SECRET in caplog.text and "Traceback" in caplog.text
+
+
+def test_a_prompt_longer_than_the_context_is_named_in_tokens(app):
+    from fastapi.testclient import TestClient
+
+    from scripts.serve_openai_api import ApiError, reply_budget
+
+    messages = [{"role": "user", "content": "天空为什么是蓝色的" * 200}]  # over the 512 tokens of SHAPE's context
+    with TestClient(app) as client:
+        error = client.post("/v1/chat/completions", json={"messages": messages}).json()["error"]
+    assert error["message"] == f"the prompt is {prompt_tokens(messages)} tokens and the model's context 512: no room " \
+                               "is left for a reply (shorten the messages)"
+    with pytest.raises(ApiError, match=r"the prompt \(500 tokens\) plus max_tokens \(20\) exceed the model's "
+                                       r"context of 512 tokens: ask for at most 12"):
+        reply_budget(500, 20, max_tokens=2048, context=512)
+    assert reply_budget(500, None, max_tokens=2048, context=512) == 12 == reply_budget(500, 12, 2048, 512)
+    assert reply_budget(10, None, max_tokens=8, context=512) == 8

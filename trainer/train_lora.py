@@ -29,9 +29,10 @@ def lora_file(args: Namespace) -> Path:
     data would be a silent lie, so another name without its file is an error (a usage error, via parse_args)."""
     name = f"lora_{args.lora_name}.jsonl"
     if args.data_path is None and args.lora_name != DEFAULT_NAME and not (lm_dataset.DATA_DIR / name).is_file():
+        get = (f"Download it with: {lm_dataset.DOWNLOAD_HINT.format(name=name)}" if name in lm_dataset.KNOWN_FILES
+               else f"MiniMind publishes no {name} (scripts/download_data.py --list shows what it does): write it")
         raise FileNotFoundError(
-            f"--lora_name {args.lora_name}: no {lm_dataset.DATA_DIR / name}. Download it with: "
-            f"{lm_dataset.DOWNLOAD_HINT.format(name=name)}; or pass --data_path FILE "
+            f"--lora_name {args.lora_name}: no {lm_dataset.DATA_DIR / name}. {get}; or pass --data_path FILE "
             f"(only --lora_name {DEFAULT_NAME} falls back to the bundled demo set)")
     return resolve_data_path(args.data_path, [name], "lora_identity.jsonl")
 
