@@ -63,7 +63,7 @@ def chatterbot_dialogues(root: Path, language: str) -> Iterator[list[str]]:
 
 
 def fortune_cookies(root: Path) -> Iterator[str]:
-    """The entries of FreeBSD's classic ``fortunes`` file (quotations, anecdotes, jokes; English prose), in file order."""
+    """The entries of FreeBSD's classic ``fortunes`` file (quotations, anecdotes, jokes: English prose), in order."""
     path = next(root.glob("*.data/data/share/games/fortune/fortunes"))  # the wheel's data folder names its version
     for entry in path.read_text(encoding="utf-8").split("\n%\n"):
         if entry.strip():
