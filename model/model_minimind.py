@@ -70,7 +70,7 @@ class MiniMindConfig(PretrainedConfig):
     norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (when k > 1)
     aux_loss_alpha: float = 0.01
     seq_aux: bool = True
-    # Which token -> id map the embedding rows were trained under (model.loading.vocab_fingerprint); set by the
+    # Which token -> id map the embedding rows were trained under (model.weights.vocab_fingerprint); set by the
     # trainers, checked when weights are loaded, None when unknown (MiniMind's own releases).
     tokenizer_vocab: str | None = None
 

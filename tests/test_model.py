@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import load_weights, save_weights, shape_of_state_dict
+from model.checkpoint_config import shape_of_state_dict
+from model.weights import load_weights, save_weights
 from model.model_minimind import rope_inv_freq
 
 
