@@ -120,6 +120,8 @@ def save_transformers(model: nn.Module, tokenizer: Any, folder: str | os.PathLik
     # eos [<|im_end|>, <|endoftext|>]: without it, generate() runs to max_length (MiniMind users' "endless" replies).
     out.generation_config = generation_config(tokenizer)
     out.save_pretrained(str(folder))
+    for weights in folder.glob("*.safetensors"):  # safetensors writes them 0600; the files beside them have the umask's
+        shutil.copymode(folder / "config.json", weights)
     tokenizer.save_pretrained(str(folder))
     _portable_tokenizer_config(folder / "tokenizer_config.json")
     return folder

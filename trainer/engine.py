@@ -34,7 +34,7 @@ from tqdm import tqdm
 from dataset import DataError, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.files import checkpoint_path, out_dir, resolve_path
+from model.files import SaveError, checkpoint_path, out_dir, resolve_path
 from model.hf_interop import save_transformers
 from model.loading import load_tokenizer, looks_like_path
 from model.weights import CheckpointMismatch, load_state_dict_into, load_weights, save_weights
@@ -528,7 +528,7 @@ def run(stage: Stage, args: Namespace) -> None:
     except TrainingDiverged as e:
         print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
         shutdown(1)
-    except (DataError, FileNotFoundError, CheckpointMismatch) as e:
+    except (DataError, FileNotFoundError, CheckpointMismatch, SaveError) as e:
         print(f"\nerror: {e}", file=sys.stderr, flush=True)
         shutdown(1)
     shutdown(0)
