@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from model.files import atomic_save, out_dir, resolve_path
 from model.model_minimind import MiniMindConfig
-from model.weights import describe_model, short_lines, short_list, unwrap_model, unwrapped_name
+from model.weights import describe_model, read_torch_file, short_lines, short_list, unwrap_model, unwrapped_name
 
 # Llama-layout projections. "gate_proj" matches MoE experts' gate_proj but not the router, which is named "gate".
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -181,7 +181,7 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_torch_file(path)
     if isinstance(data, dict) and "lora_config" in data:
         config, weights = dict(data["lora_config"]), data["weights"]
     elif isinstance(data, dict) and data and all(k.endswith((".lora.A.weight", ".lora.B.weight")) for k in data):

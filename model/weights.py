@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from model.model_minimind import MiniMindConfig
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint that does not fit the model it is loaded into; the message says what the file needs."""
+    """A checkpoint that does not fit the model it is loaded into, or is no checkpoint at all (empty, truncated,
+    something else); the message says what is wrong and what the file needs."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -52,18 +54,51 @@ def save_weights(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype =
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.pth`` (loaded with ``weights_only=True``: no pickled code runs) or ``.safetensors`` file."""
+    """Tensors from a ``.pth`` (loaded with ``weights_only=True``: no pickled code runs) or ``.safetensors`` file;
+    a file that is neither, or holds no dict of tensors, is a CheckpointMismatch saying what it is instead."""
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as e:
+            raise CheckpointMismatch(f"{path} {_unreadable(path, e, 'safetensors')}") from None
+    state = read_torch_file(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a resume file: the weights are one entry of it
+    if not isinstance(state, dict):
+        raise CheckpointMismatch(f"{path} holds a {type(state).__name__}, not a state dict (a dict of named tensors)")
     return {unwrapped_name(k): v for k, v in state.items()}
+
+
+def read_torch_file(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file it cannot read is a CheckpointMismatch saying why
+    (empty, truncated, pickled objects, not a PyTorch file at all) rather than torch's error of the moment."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as e:  # each seen for a bad file
+        raise CheckpointMismatch(f"{path} {_unreadable(path, e, 'PyTorch')}") from None
+
+
+def _unreadable(path: Path, error: Exception, kind: str) -> str:
+    """Why ``path`` does not load as a ``kind`` (PyTorch or safetensors) file, told by its first bytes."""
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head:
+        return "is empty (0 bytes): a save or download that was cut off"
+    # torch.save writes a zip archive (a pickle in its legacy format); safetensors, 8 bytes of size, then JSON
+    if not (head.startswith((b"PK\x03\x04", b"\x80")) if kind == "PyTorch" else head[8:9] == b"{"):
+        text = head.decode().strip().splitlines()[0] if head.isascii() and head.strip() else None
+        return f"is not a {kind} checkpoint" + (f" (it is text: {text!r})" if text else "")
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0]  # torch's first sentence
+    if "Weights only load failed" in reason:  # a pickle of more than tensors
+        return ("holds pickled Python objects (e.g. a whole model saved with torch.save(model)); only a state dict "
+                "loads: save model.state_dict() instead")
+    return f"is truncated or damaged ({kind} could not read it: {reason})"
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
