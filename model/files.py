@@ -96,7 +96,7 @@ def _save_failure(error: BaseException, path: Path, kept: str) -> str | None:
         return f"could not save {path} ({error.strerror or error}); {kept}"
     if isinstance(error, RuntimeError) and ("inline_container" in str(error) or "PytorchStreamWriter" in str(error)):
         reason = str(error).splitlines()[0]
-        return f"could not save {path}: torch's file writer failed ({reason}), most often for lack of disk space; {kept}"
+        return f"could not save {path}: torch's writer failed ({reason}), most often for lack of disk space; {kept}"
     return None
 
 

@@ -53,7 +53,7 @@ def test_a_full_disk_is_one_clear_error_and_the_previous_file_stays(tmp_path, wr
     if write is not torch_zip_writer_fails:
         assert message.startswith("No space left on the device to save")
     else:
-        assert "torch's file writer failed (" in message and "lack of disk space" in message
+        assert "torch's writer failed (" in message and "lack of disk space" in message
     assert target.read_bytes() == b"the good checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temp file left
 
