@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from model.loading import atomic_save, describe_model, out_dir, resolve_path, short_lines, short_list
+from model.files import atomic_save, out_dir, resolve_path
 from model.model_minimind import MiniMindConfig
+from model.weights import describe_model, read_torch_file, short_lines, short_list, unwrap_model, unwrapped_name
 
 # Llama-layout projections. "gate_proj" matches MoE experts' gate_proj but not the router, which is named "gate".
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -95,7 +96,7 @@ def apply_lora(
     The MoE router (``mlp.gate``) is not among the default targets; the experts' projections are.
     Apply it before wrapping the model in DDP or torch.compile: they capture the parameters they see.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     if _lora_layers(model):
         raise ValueError("the model already has LoRA layers: merge_lora() it first, or load_lora() into them")
     if rank < 1:
@@ -134,32 +135,22 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        inner = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, LoRALinear)}
+    return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the LoRA tensors, named as in the bare model (DDP's ``module.`` and compile's ``_orig_mod.`` removed)."""
     return {
         name: tensor.detach()
-        for name, tensor in _unwrap(model).state_dict().items()
+        for name, tensor in unwrap_model(model).state_dict().items()
         if name.endswith((".lora_A", ".lora_B"))
     }
 
 
 def lora_config(model: nn.Module) -> dict[str, Any]:
     """What ``load_lora`` needs to rebuild the layers: rank, alpha, dropout, the wrapped layer names, the base shape."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers (call apply_lora or load_lora first)")
@@ -190,7 +181,7 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no LoRA file at {path}")
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_torch_file(path)
     if isinstance(data, dict) and "lora_config" in data:
         config, weights = dict(data["lora_config"]), data["weights"]
     elif isinstance(data, dict) and data and all(k.endswith((".lora.A.weight", ".lora.B.weight")) for k in data):
@@ -204,10 +195,9 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         config = dict(rank=rank, alpha=float(rank), dropout=0.0, targets=targets, num_hidden_layers=layers or None)
     else:
         raise ValueError(f"{path} is not a LoRA file (no lora_config, no *.lora.A.weight tensors); "
-                         "a full checkpoint loads with model.loading.load_weights")
-    strip = lambda name: name.removeprefix("module.").removeprefix("_orig_mod.")  # noqa: E731
-    config["targets"] = [strip(t) for t in config["targets"]]
-    return config, {strip(k): v for k, v in weights.items()}
+                         "a full checkpoint loads with model.weights.load_weights")
+    config["targets"] = [unwrapped_name(t) for t in config["targets"]]
+    return config, {unwrapped_name(k): v for k, v in weights.items()}
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
@@ -218,7 +208,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     with each offending tensor, both shapes, and the base hidden size the file needs.
     """
     config, weights = read_lora_file(path)
-    model = _unwrap(model)
+    model = unwrap_model(model)
     _check_fits(model, config, weights, path)
     if not _lora_layers(model):
         apply_lora(model, config["rank"], config["alpha"], config.get("dropout", 0.0), targets=config["targets"])
@@ -275,11 +265,11 @@ def _hidden_size_of(weights: dict[str, torch.Tensor]) -> int | str:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA update into its base weight and put plain nn.Linear layers back, in place.
 
-    The result has exactly the base model's state-dict keys: save it with ``model.loading.save_weights`` as an ordinary
+    The result has exactly the base model's state-dict keys: save it with ``model.weights.save_weights`` as an ordinary
     checkpoint that needs no LoRA code. Parameters stay frozen as apply_lora left them. In bf16/fp16 the merged weight
     is rounded to that dtype, so logits differ from the unmerged model by rounding.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to merge")
@@ -290,7 +280,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def lora_parameter_count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; after apply_lora the trainable ones are the LoRA matrices."""
-    params = list(_unwrap(model).parameters())  # a tied embedding/head counts once
+    params = list(unwrap_model(model).parameters())  # a tied embedding/head counts once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 

@@ -78,7 +78,7 @@ class MiniMindConfig(PretrainedConfig):
     # the batch (minimind-3). MiniMind2's config.json says seq_aux: true / false instead, read as these (its
     # seq_aux=false variant, which no release used, divided the "batch" value by the top-k).
     aux_loss_form: str = "sequence"
-    # Which token -> id map the embedding rows were trained under (model.loading.vocab_fingerprint); set by the
+    # Which token -> id map the embedding rows were trained under (model.weights.vocab_fingerprint); set by the
     # trainers, checked when weights are loaded, None when unknown (MiniMind's own releases).
     tokenizer_vocab: str | None = None
 

@@ -27,7 +27,8 @@ import torch
 from dataset.lm_dataset import PretrainDataset, pad_collate, resolve_data_path
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.loading import best_device, load_tokenizer
+from model.devices import best_device, resolve_dtype
+from model.loading import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,8 @@ class Variant:
     # document per row, padded to the batch's longest
 
 
-def auto_dtype(device: torch.device) -> str:
-    """The training engine's ``--dtype auto``: bf16 on CUDA (fp16 without bf16), fp32 on CPU and MPS."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def variants(baseline: Variant, compare: list[str]) -> list[Variant]:
@@ -163,8 +158,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 @torch.inference_mode()
 def bench_generate(config: MiniMindConfig, args, device: torch.device) -> list[dict]:
-    dtype = DTYPES[auto_dtype(device)] if device.type != "cpu" else torch.float32
-    model = MiniMindForCausalLM(config).to(device, dtype).eval()
+    model = MiniMindForCausalLM(config).to(device, resolve_dtype(device, training=True)).eval()
     prompt = torch.randint(3, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for length in args.gen_lengths:
@@ -226,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or best_device())
     overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_hidden_layers)) if v}
     config = MiniMindConfig.from_preset(args.preset, **overrides)
-    baseline = Variant("baseline", args.dtype or auto_dtype(device), compile=args.compile)
+    auto = DTYPE_NAMES[resolve_dtype(device, training=True)]  # the training engine's --dtype auto
+    baseline = Variant("baseline", args.dtype or auto, compile=args.compile)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     print(f"# {args.preset} ({MiniMindForCausalLM(config).params_summary()}), batch {args.batch_size} × "
           f"{args.seq_len} tokens, {gpu}, torch {torch.__version__}, baseline {asdict(baseline)}\n")

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 from model.export_gguf import save_gguf
-from model.loading import (add_model_args, checkpoint_path, lora_arg, model_from_args, out_dir, resolve_path,
-                           save_transformers, save_weights, weight_arg)
+from model.files import checkpoint_path, out_dir, resolve_path
+from model.hf_interop import save_transformers
+from model.loading import add_model_args, lora_arg, model_from_args, weight_arg
+from model.weights import save_weights
 
 
 def main() -> None:

@@ -11,8 +11,10 @@ import torch
 from safetensors import safe_open
 
 from model.generation import chat_prompt, generation_config
-from model.loading import (REPO_ROOT, CheckpointMismatch, load_model, load_tokenizer, save_transformers, save_weights,
-                           vocab_fingerprint)
+from model.files import REPO_ROOT
+from model.hf_interop import save_transformers
+from model.loading import load_model, load_tokenizer
+from model.weights import CheckpointMismatch, save_weights, vocab_fingerprint
 from tests.test_eval_llm import another_vocabulary, needs_tokenizer, tiny_checkpoint
 
 pytestmark = needs_tokenizer

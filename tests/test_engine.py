@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import load_weights
+from model.weights import load_weights
 from tests.ddp_train import TokenRows, prompt_rows, tiny_args, token_rows
 from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
 from trainer.checkpoint import load_resume

@@ -13,10 +13,10 @@ import torch
 
 from model import PRESETS, MiniMindConfig, MiniMindForCausalLM
 from model.generation import ReplyStream, chat_prompt, generation_config
-from model.loading import (
-    REPO_ROOT, TOKENIZER_DIR, CheckpointMismatch, config_for_state_dict, load_model, load_tokenizer, load_weights,
-    save_weights, vocab_fingerprint,
-)
+from model.checkpoint_config import config_for_state_dict
+from model.files import REPO_ROOT, TOKENIZER_DIR
+from model.loading import load_model, load_tokenizer
+from model.weights import CheckpointMismatch, load_weights, save_weights, vocab_fingerprint
 
 # 8 heads: without q/k-norm a file cannot tell its head count, and the loader assumes MiniMind's 8.
 # initializer_range 0.2: random weights that say varied things (at 0.02 they repeat one token).
@@ -267,7 +267,7 @@ def test_bad_sampling_flags_and_a_missing_device_are_one_line_errors(tmp_path, c
 
 
 def test_a_typed_out_dir_is_found_in_the_current_directory_first(tmp_path, monkeypatch):
-    from model.loading import OUT_DIR, out_dir
+    from model.files import OUT_DIR, out_dir
 
     monkeypatch.chdir(tmp_path)
     assert out_dir(None) == OUT_DIR and out_dir("runs") == REPO_ROOT / "runs"  # nothing here: the repo's

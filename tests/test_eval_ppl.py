@@ -10,7 +10,8 @@ import torch
 
 from dataset import SFTDataset
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import load_tokenizer, save_weights
+from model.loading import load_tokenizer
+from model.weights import save_weights
 from scripts.eval_ppl import main, rows_of, score, token_bytes
 from tests.test_eval_llm import needs_tokenizer
 from trainer import Stage, build_parser, train

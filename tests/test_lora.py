@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import REPO_ROOT, load_weights, save_weights
+from model.files import REPO_ROOT
+from model.weights import load_weights, save_weights
 from model.model_lora import (
     LoRALinear, apply_lora, load_lora, lora_parameter_count, lora_path, lora_state_dict, lora_summary, merge_lora,
     save_lora,

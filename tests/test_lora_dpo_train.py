@@ -16,7 +16,9 @@ from torch.nn import functional as F
 
 from dataset import DPODataset, train_eval_split
 from model import MiniMindForCausalLM
-from model.loading import REPO_ROOT, load_tokenizer, load_weights, save_weights
+from model.files import REPO_ROOT
+from model.loading import load_tokenizer
+from model.weights import load_weights, save_weights
 from model.model_lora import LoRALinear, load_lora, read_lora_file
 from trainer import Stage, train
 from trainer.args import model_config

@@ -10,10 +10,11 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Q
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import (config_for_state_dict, load_state_dict_into, load_tokenizer, load_weights,
-                           read_state_dict, read_transformers_folder, save_transformers, save_weights,
-                           shape_of_state_dict)
+from model.checkpoint_config import config_for_state_dict, shape_of_state_dict
+from model.hf_interop import read_transformers_folder, save_transformers
+from model.loading import load_tokenizer
 from model.model_minimind import SHAPE_FIELDS, rope_inv_freq
+from model.weights import load_state_dict_into, load_weights, read_state_dict, save_weights
 from tests.conftest import TINY
 
 

@@ -10,7 +10,9 @@ import torch
 from nbclient import NotebookClient
 
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import checkpoint_path, load_tokenizer, save_weights
+from model.files import checkpoint_path
+from model.loading import load_tokenizer
+from model.weights import save_weights
 
 HANDS_ON = Path(__file__).resolve().parents[1] / "hands-on"
 CLASSIFICATION = HANDS_ON / "classification"

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from model.loading import REPO_ROOT
+from model.files import REPO_ROOT
 from tests.test_eval_llm import needs_tokenizer, run, tiny_checkpoint
 
 pytestmark = needs_tokenizer

@@ -13,7 +13,9 @@ import torch
 
 import dataset.lm_dataset as lm
 from model import MiniMindConfig, MiniMindForCausalLM
-from model.loading import REPO_ROOT, load_tokenizer, load_weights, save_weights, vocab_fingerprint
+from model.files import REPO_ROOT
+from model.loading import load_tokenizer
+from model.weights import load_weights, save_weights, vocab_fingerprint
 from trainer import build_parser, parse_args
 from trainer.train_full_sft import sft_file
 

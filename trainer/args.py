@@ -11,7 +11,8 @@ from typing import Any
 
 from dataset import lm_dataset
 from model import MiniMindConfig
-from model.loading import best_device, vocab_fingerprint
+from model.devices import best_device
+from model.weights import vocab_fingerprint
 
 
 def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from model.model_minimind import SHAPE_FIELDS, MiniMindConfig
-from model.loading import CheckpointMismatch, atomic_save, check_vocabulary
+from model.files import atomic_save
+from model.weights import CheckpointMismatch, check_vocabulary
 
 
 def resume_path(weights_path: Path) -> Path:

@@ -34,8 +34,10 @@ from tqdm import tqdm
 from dataset import DataError, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.loading import (CheckpointMismatch, checkpoint_path, load_state_dict_into, load_tokenizer, load_weights,
-                           looks_like_path, out_dir, resolve_path, save_transformers, save_weights)
+from model.files import SaveError, checkpoint_path, out_dir, resolve_path
+from model.hf_interop import save_transformers
+from model.loading import load_tokenizer, looks_like_path
+from model.weights import CheckpointMismatch, load_state_dict_into, load_weights, save_weights
 from trainer.args import model_config
 from trainer.checkpoint import load_resume, resume_path, save_resume, set_rng_state, shape_of
 from trainer.logger import make_logger
@@ -526,7 +528,7 @@ def run(stage: Stage, args: Namespace) -> None:
     except TrainingDiverged as e:
         print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
         shutdown(1)
-    except (DataError, FileNotFoundError, CheckpointMismatch) as e:
+    except (DataError, FileNotFoundError, CheckpointMismatch, SaveError) as e:
         print(f"\nerror: {e}", file=sys.stderr, flush=True)
         shutdown(1)
     shutdown(0)

@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Any
 
-from model.loading import REPO_ROOT
+from model.files import REPO_ROOT
 
 
 class NullLogger:

@@ -52,7 +52,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from dataset.lm_dataset import DataError, iter_documents
 from dataset.sources import chatterbot_dialogues, fetch_sources, fortune_cookies
-from model.loading import resolve_path
+from model.files import resolve_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO_ROOT / "model"

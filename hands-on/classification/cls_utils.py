@@ -31,7 +31,7 @@ ALIASES = {"唐诗": "Tang shi", "宋词": "Song ci", "论语": "Analects", "诗
 
 
 def resolve_out_dir(path: str | os.PathLike) -> Path:
-    """The checkpoint folder as ``model.loading.out_dir`` finds it: a relative path in the current directory if it
+    """The checkpoint folder as ``model.files.out_dir`` finds it: a relative path in the current directory if it
     is there, else in the repo root. Kept here so the notebooks that need no model (01, 04) start without importing
     torch and transformers."""
     path = Path(path).expanduser()
