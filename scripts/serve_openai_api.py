@@ -8,6 +8,9 @@ and ``GET /v1/models``. Any OpenAI client works: see scripts/chat_openai_api.py.
 own ``messages`` alone (no history is kept), one at a time (a lock: a small model on one device is fastest serially).
 Bad requests get an OpenAI-style error (``{"error": {"message", "type", "param", "code"}}``) with a 4xx status.
 
+``GET /`` is a chat page (scripts/web/: static files, public even with ``--api_key``; its API calls send the key),
+which reads the model's parameter count and the largest ``max_tokens`` from ``/v1/models``.
+
 ``tools`` go into the prompt through the chat template; when the request has them, the reply's parseable
 ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks come back as ``tool_calls`` (finish_reason
 ``"tool_calls"``). ``stop`` strings (up to 4, each up to 64 characters) end a reply before them. A temperature below
@@ -37,7 +40,8 @@ from typing import Any, Literal
 import anyio
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -53,6 +57,11 @@ TOOL_CALL_START = "<tool_call>"
 # characters took 0.6-0.8 s and at most ~7 MB here (it caches 8 such sets); one 20,000-character string took 35 s.
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
 INTERNAL_ERROR = "the server failed to answer this request (the details are in its log)"
+WEB_DIR = Path(__file__).resolve().parent / "web"  # the chat page served at / (static files, no build step)
+# The page may only load its own files and talk to its own server: even a renderer bug could run no injected script.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                           "base-uri 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff"}
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: its format, its --log-level
 
@@ -215,13 +224,14 @@ class RequireApiKey:
     """ASGI middleware: refuse requests without ``Authorization: Bearer <api_key>`` (401, OpenAI's error shape).
 
     Plain ASGI rather than ``@app.middleware``: that wrapper detaches streamed responses from the client connection,
-    so a client hanging up would no longer stop its generation."""
+    so a client hanging up would no longer stop its generation. The chat page (``/`` and ``/web/``) is public static
+    content: it asks the user for the key and sends it with its API calls."""
 
     def __init__(self, app, api_key: str):
         self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not (scope["path"] == "/" or scope["path"].startswith("/web/")):
             sent = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(sent, self.expected):
                 response = error_response(401, "missing or wrong API key: send the header "
@@ -241,7 +251,9 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
         app.add_middleware(RequireApiKey, api_key=api_key)
     lock = app.state.generation_lock = asyncio.Lock()  # one generation at a time; waiting requests queue here
     created = int(time.time())
-    listing = {"id": model_name, "object": "model", "created": created, "owned_by": "minimind-lab"}
+    total, active = model.count_parameters()
+    listing = {"id": model_name, "object": "model", "created": created, "owned_by": "minimind-lab",
+               "parameters": total, "active_parameters": active, "max_tokens": max_tokens}
     if model.name_or_path:  # the file's name only: where it lies on the server is no client's business
         listing["root"] = Path(model.name_or_path).name
 
@@ -262,6 +274,12 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
         # The client learns only that it failed; the server (uvicorn) logs the traceback after this handler.
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e)
         return error_response(500, INTERNAL_ERROR)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
@@ -452,6 +470,7 @@ def main() -> None:
     p.add_argument("--max_tokens", type=int, default=2048, help="the largest max_tokens a request may ask for")
     p.add_argument("--api_key", default=os.environ.get("MINIMIND_API_KEY"),
                    help="require this key from clients (default: $MINIMIND_API_KEY; none: anyone may ask)")
+    p.add_argument("--open_browser", action="store_true", help="open the chat page in a browser once serving")
     args = p.parse_args()
     try:
         model, tokenizer = model_from_args(args)
@@ -460,11 +479,36 @@ def main() -> None:
     lora = f" + LoRA {lora_arg(args)}" if lora_arg(args) else ""
     print(f"serving {model.name_or_path}{lora} ({model.params_summary()} on {model.device}) at "
           f"http://{args.host}:{args.port}/v1", flush=True)
+    local = "localhost" if args.host in ("0.0.0.0", "::") else f"[{args.host}]" if ":" in args.host else args.host
+    page = f"http://{local}:{args.port}/"
+    print(f"chat page: {page}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api_key: anyone who can reach this port can use it",
               flush=True)
     app = create_app(model, tokenizer, args.model_name, args.max_tokens, api_key=args.api_key)
+    if args.open_browser:
+        open_when_up(page)
     uvicorn.run(app, host=args.host, port=args.port)
+
+
+def open_when_up(url: str, wait_s: float = 60) -> None:
+    """Open ``url`` in the user's browser (``$BROWSER`` if set) as soon as the server answers there."""
+    import threading
+    import urllib.request
+    import webbrowser
+
+    def wait_then_open() -> None:
+        deadline = time.time() + wait_s
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                webbrowser.open(url)
+                return
+            except OSError:
+                time.sleep(0.2)
+        print(f"warning: {url} did not answer within {wait_s:.0f} s; no browser opened", flush=True)
+
+    threading.Thread(target=wait_then_open, daemon=True).start()
 
 
 if __name__ == "__main__":

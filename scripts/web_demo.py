@@ -1,0 +1,15 @@
+"""The chat page in your browser, as MiniMind's ``web_demo.py`` was: the OpenAI-compatible server with
+``--open_browser``.  网页对话：启动服务并打开浏览器。
+
+    python scripts/web_demo.py --weight full_sft          # serves http://127.0.0.1:8998/ and opens it
+
+Every flag of scripts/serve_openai_api.py works here (``--port``, ``--api_key``, ``--load_from``, ...).
+"""
+
+import sys
+
+from scripts.serve_openai_api import main
+
+if __name__ == "__main__":
+    sys.argv.append("--open_browser")
+    main()
