@@ -191,6 +191,15 @@ def test_the_teacher_is_frozen_and_the_same_vocabulary_passes(work, tok, tmp_pat
     assert not any(p.requires_grad for p in teacher.parameters())
     hf = save_transformers(teacher, tok, tmp_path / "ours-hf")  # a folder whose tokenizer is ours: accepted
     assert load_teacher(Namespace(**{**vars(args), "teacher": str(hf)}), student).config.hidden_size == 64
+    # an MoE teacher by stage name and MiniMind's shape flags: out/full_sft_64_moe.pth
+    save_weights(MiniMindForCausalLM(model_config(Namespace(preset=None, use_moe=1, **TEACHER_SHAPE), tok)),
+                 tmp_path / "full_sft_64_moe.pth")
+    by_name = dict(teacher="full_sft", teacher_hidden_size=64, teacher_use_moe=1, out_dir=str(tmp_path))
+    moe = load_teacher(Namespace(**{**vars(args), **by_name}), student)
+    assert moe.config.use_moe and not moe.training
+    ids = torch.randint(3, 6400, (2, 12))
+    loss, metrics = DistillationLoss(0.5, 1.5, moe)(student, {"input_ids": ids, "labels": ids})
+    assert torch.isfinite(loss) and metrics["kl"] > 0
 
     DistillationLoss(0.5, 1.5).setup(student, args)
     assert "starts as the teacher" not in capsys.readouterr().out
@@ -209,6 +218,11 @@ def test_data_kind_is_read_off_the_first_row(work, tok, tmp_path):
     odd.write_text('\n{"chosen": []}\n')
     with pytest.raises(DataError, match=f"{odd}:2: neither an SFT row"):
         detect_kind(odd)
+
+
+def test_eval_llm_and_the_server_know_the_stage(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Make it with: python trainer/train_distillation.py"):
+        load_model("full_dist", directory=tmp_path)
 
 
 def test_minimind_flags_and_defaults(tmp_path):
