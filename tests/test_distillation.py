@@ -17,7 +17,10 @@ import torch
 
 from dataset import DataError, PretrainDataset, SFTDataset, pad_collate
 from model import MiniMindForCausalLM
-from model.loading import REPO_ROOT, CheckpointMismatch, load_model, load_tokenizer, save_transformers, save_weights
+from model.files import REPO_ROOT
+from model.hf_interop import save_transformers
+from model.loading import load_model, load_tokenizer
+from model.weights import CheckpointMismatch, save_weights
 from trainer import train
 from trainer.args import model_config
 from trainer.engine import lm_loss

@@ -28,8 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from dataset import DataError, PretrainDataset, SFTDataset, resolve_data_path
-from model.loading import (CheckpointMismatch, check_device, check_vocabulary, find_weights, load_model,
-                           trained_vocabulary)
+from model.devices import check_device
+from model.loading import find_weights, load_model
+from model.weights import CheckpointMismatch, check_vocabulary, trained_vocabulary
 from trainer import Stage, build_parser, parse_args, run
 from trainer.engine import Batch
 
