@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import dataset.lm_dataset as lm
+import dataset.cache as cache
+import dataset.files as data_files
 from dataset import (DataError, DPODataset, PretrainDataset, SFTDataset, pad_collate, resolve_data_path,
                      train_eval_split)
 
@@ -180,7 +181,7 @@ def test_blank_lines_of_spaces_or_carriage_returns_are_not_rows(tok, tmp_path, m
     path = tmp_path / "sft.jsonl"
     path.write_bytes("\r\n".join(lines).encode())
     for block_rows in (1 << 16, 1, 3):
-        monkeypatch.setattr(lm, "INDEX_FLUSH_ROWS", block_rows)
+        monkeypatch.setattr(cache, "INDEX_FLUSH_ROWS", block_rows)
         ds = SFTDataset(path, tok, max_seq_len=512, cache_dir=tmp_path / f"cache{block_rows}")
         assert np.fromfile(ds.files["lines"], np.int64).reshape(-1, 2)[:, 1].tolist() == [1, 4, 7, 8]
         assert all(ds[i]["input_ids"].tolist() == ds[0]["input_ids"].tolist() for i in range(4))
@@ -308,8 +309,8 @@ def test_cache_reused_and_invalidated(tok, tmp_path):
 def test_data_in_a_read_only_folder_is_cached_in_the_users_cache(tok, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS])
     real_access = os.access
-    monkeypatch.setattr(lm.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))  # root may write all
-    monkeypatch.setattr(lm, "USER_CACHE_DIR", tmp_path / "user-cache")
+    monkeypatch.setattr(cache.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))  # root may write all
+    monkeypatch.setattr(cache, "USER_CACHE_DIR", tmp_path / "user-cache")
     assert PretrainDataset(path, tok, 32).files["bin"].parent == tmp_path / "user-cache"
     assert SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CHAT}]), tok, 64).files["lines"].parent \
         == tmp_path / "user-cache"
@@ -390,8 +391,8 @@ def test_train_eval_split_is_deterministic():
 
 
 def test_resolve_data_path(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lm, "DATA_DIR", tmp_path / "dataset")
-    monkeypatch.setattr(lm, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(data_files, "DATA_DIR", tmp_path / "dataset")
+    monkeypatch.setattr(data_files, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         resolve_data_path("dataset/sft_t2t_mini.jsonl", [], "sft.jsonl")
