@@ -5,6 +5,7 @@ cache.py     the on-disk caches: token streams, line indexes, fingerprints, stal
 pretrain.py  PretrainDataset
 chat.py      SFTDataset, DPODataset (chat template rendering, assistant-only labels)
 batching.py  pad_collate, train_eval_split, IGNORE_INDEX
+long_text.py cutting huge rows where tokenising the pieces gives the tokens of the whole
 sources.py   offline text sources for the tokenizer and the demo data
 """
 

@@ -11,7 +11,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,9 @@ from dataset.files import nonblank_lines
 USER_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minimind-lab"
 # Bump a kind's version when its cache files would hold something else for the same source and key (another
 # layout, other rows or tokens): older caches then stop matching, are rebuilt, and clean_cache.py lists them.
-CACHE_VERSIONS = {"tokens": 1, "lines": 2}
+CACHE_VERSIONS = {"tokens": 1, "lines": 3}
 INDEX_FLUSH_ROWS = 1 << 16  # line offsets the indexer holds in RAM before writing them out
+NOTED_EXAMPLES = 3  # rows the indexer keeps as examples of those it remarks on
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -112,12 +113,24 @@ def cache_files(meta_file: Path) -> list[Path]:
     return [f for f in sorted(meta_file.parent.glob(glob.escape(stem) + ".*")) if f != meta_file] + [meta_file]
 
 
-def line_index(tmp: dict[str, Path], source: Path) -> dict:
-    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`."""
-    rows = ((offset, lineno) for offset, lineno, _ in nonblank_lines(source, desc=f"indexing {source.name}"))
-    n_rows = 0
+def line_index(tmp: dict[str, Path], source: Path, note: Callable[[bytes], str | None] | None = None) -> dict:
+    """Write an int64 (n, 2) array of [byte offset, 1-based line number] of every non-blank line of `source`.
+
+    With `note` (a remark on a raw line, or None), also count the rows it remarks on and keep the first few as
+    [line number, remark] in the metadata, so every run can report them without reading the file again."""
+    noted: dict[str, Any] = {"noted": 0, "noted_examples": []}
+
+    def rows() -> Iterator[tuple[int, int]]:
+        for offset, lineno, raw in nonblank_lines(source, desc=f"indexing {source.name}"):
+            if note is not None and (remark := note(raw)):
+                noted["noted"] += 1
+                if len(noted["noted_examples"]) < NOTED_EXAMPLES:
+                    noted["noted_examples"].append([lineno, remark])
+            yield offset, lineno
+
+    n_rows, lines = 0, rows()
     with open(tmp["lines"], "wb") as out:
-        while block := list(islice(rows, INDEX_FLUSH_ROWS)):  # in blocks: a multi-GB file has millions of rows
+        while block := list(islice(lines, INDEX_FLUSH_ROWS)):  # in blocks: a multi-GB file has millions of rows
             np.array(block, dtype=np.int64).tofile(out)
             n_rows += len(block)
-    return {"rows": n_rows}
+    return {"rows": n_rows, **noted}

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from dataset.batching import IGNORE_INDEX
 from dataset.cache import cached, line_index
 from dataset.files import DOWNLOAD_HINT, DataError, load_json, preview
+from dataset.long_text import max_token_chars, safe_cut
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,31 @@ def _messages(turns: Any, where: str) -> tuple[list[dict], list | None]:
     return messages, tools
 
 
+def _prompt(messages: list[dict]) -> list[dict]:
+    """Everything before the last assistant turn."""
+    last = max(k for k, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[:last]
+
+
+def _turn_order(raw: bytes) -> str | None:
+    """What is unusual about the order of a row's turns (two user turns in a row, or an assistant turn first, after
+    any system turn), or None. A row that cannot be read is left to __getitem__, which says what is wrong with it."""
+    try:
+        row = json.loads(raw)
+    except ValueError:
+        return None
+    for key in ("conversations", "chosen", "rejected"):
+        turns = row.get(key) if isinstance(row, dict) else None
+        if not isinstance(turns, list):
+            continue
+        roles = [turn.get("role") for turn in turns if isinstance(turn, dict) and turn.get("role") != "system"]
+        if roles[:1] == ["assistant"]:
+            return f"{key}: an assistant turn first"
+        if any(a == b == "user" for a, b in zip(roles, roles[1:])):
+            return f"{key}: two user turns in a row"
+    return None
+
+
 class _ChatRows(Dataset):
     """Lazy access to the rows of a chat jsonl file, and the chat template rendering with assistant-only labels.
 
@@ -98,9 +124,14 @@ class _ChatRows(Dataset):
         self.head = [vocab["<|im_start|>"]] + tokenizer.encode("assistant", add_special_tokens=False)
         pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         self.newline_ids = {i for i, piece in enumerate(pieces) if piece.startswith("\n")}
+        self.max_token_chars, self.added_tokens = max_token_chars(tokenizer), tokenizer.get_added_vocab()
         self.files, meta, _ = cached(self.path, cache_dir, "lines", {}, ["lines"],
-                                      lambda tmp: line_index(tmp, self.path))
+                                     lambda tmp: line_index(tmp, self.path, _turn_order))
         self.n_rows = meta["rows"]
+        if meta["noted"]:
+            examples = ", ".join(f"{self.path}:{line} ({why})" for line, why in meta["noted_examples"])
+            log.warning("%s: %d row(s) with turns out of the usual order are used as they are, e.g. %s", self.path,
+                        meta["noted"], examples)
         self._lines, self._file, self._pid = None, None, None
         self._check_template()
 
@@ -131,13 +162,27 @@ class _ChatRows(Dataset):
 
     def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
         """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""
-        messages, tools = _messages(turns, where)
+        return self.encode_messages(*_messages(turns, where), where, max_seq_len)
+
+    def encode_messages(self, messages: list[dict], tools: list | None, where: str, max_seq_len: int | None = None) \
+            -> dict[str, torch.Tensor]:
+        max_seq_len = max_seq_len or self.max_seq_len
         try:
             text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
         except Exception as e:  # a template error without file:line would be opaque mid-epoch
             raise DataError(f"{where}: the chat template cannot render this row ({type(e).__name__}: {e})") from e
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_seq_len or self.max_seq_len]
+        ids = self.tokenizer(self._head(text, max_seq_len), add_special_tokens=False)["input_ids"][:max_seq_len]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(self._assistant_labels(ids))}
+
+    def _head(self, text: str, max_seq_len: int) -> str:
+        """The start of ``text`` that tokenises to the first max_seq_len tokens of the whole, so that a huge row
+        (read every epoch) is not tokenised whole: a 50 MB one took 9.8 GB. A token covers at most max_token_chars
+        characters, so the first max_seq_len tokens lie within max_seq_len * max_token_chars characters, and text
+        cut at a safe cut after them tokenises to the same tokens up to the cut (dataset/long_text.py). A text with
+        no safe cut past that point (no space, newline or punctuation: not prose) is tokenised whole."""
+        reach = max_seq_len * self.max_token_chars
+        cut = safe_cut(text, reach, len(text), self.added_tokens) if len(text) > reach else None
+        return text if cut is None else text[:cut]
 
     def _assistant_labels(self, ids: list[int]) -> list[int]:
         """One linear scan: label from after each assistant header through the next <|im_end|>.
@@ -206,8 +251,12 @@ class DPODataset(_ChatRows):
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         if not isinstance(row, dict) or "chosen" not in row or "rejected" not in row:
             raise DataError(f"{where}: expected an object with 'chosen' and 'rejected' keys, got {preview(row)}")
+        sides = {side: _messages(row[side], f"{where} ({side})") for side in ("chosen", "rejected")}
+        if _prompt(sides["chosen"][0]) != _prompt(sides["rejected"][0]):
+            raise DataError(f"{where}: chosen and rejected differ before their last assistant turn; a preference pair "
+                            f"compares two replies to one prompt")
         item = {}
-        for side in ("chosen", "rejected"):
-            enc = self.encode_turns(row[side], f"{where} ({side})")
+        for side, (messages, tools) in sides.items():
+            enc = self.encode_messages(messages, tools, f"{where} ({side})")
             item[f"{side}_input_ids"], item[f"{side}_labels"] = enc["input_ids"], enc["labels"]
         return item

@@ -101,7 +101,7 @@ def nonblank_lines(path: str | os.PathLike, desc: str | None = None) -> Iterator
                                      disable=desc is None) as bar:
         offset = 0
         for lineno, raw in enumerate(f, 1):
-            if raw.strip():
+            if not raw.isspace():  # (not raw.strip(), which copies a huge line)
                 yield offset, lineno, raw
             offset += len(raw)
             if lineno % PROGRESS_EVERY_LINES == 0:
@@ -114,8 +114,10 @@ def load_json(raw: bytes, where: str) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        # without the parser's "line 2" (the row's newline), which would contradict file:line
-        problem = f"{e.msg} at character {e.pos + 1} of the line" if isinstance(e, json.JSONDecodeError) else str(e)
+        # without the parser's "line 2" (the row's newline), which would contradict file:line; some of its messages
+        # end in " at" already ("Invalid control character at")
+        problem = f"{e.msg.removesuffix(' at')} at character {e.pos + 1} of the line" \
+            if isinstance(e, json.JSONDecodeError) else str(e)
         raise DataError(f"{where}: malformed JSON ({problem})") from None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -14,21 +14,38 @@ from torch.utils.data import Dataset
 
 from dataset.cache import cached, tokenizer_fingerprint
 from dataset.files import DOWNLOAD_HINT, DataError, iter_documents
+from dataset.long_text import text_pieces
 
 log = logging.getLogger(__name__)
 
 TOKENIZE_BATCH_CHARS = 1 << 20  # text per tokenizer call: bounds the build's memory whatever the document sizes
+# A tokenizer holds ~100 bytes per character of the text it works on, and is slower per character on long texts
+# (2x at 64K characters): longer documents are tokenised in pieces of this many characters
+DOCUMENT_PIECE_CHARS = 1 << 12
 
 
-def _text_batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
-    """Group `texts` into lists of about `max_chars` characters (a longer text makes a batch of its own)."""
+def _document_pieces(documents: Iterable[str], max_chars: int, added_tokens: Collection[str]) \
+        -> Iterator[tuple[str, bool]]:
+    """Every document as pieces of at most `max_chars` characters that tokenise as the whole document does
+    (``text_pieces``), each with whether it ends its document."""
+    for text in documents:
+        pieces = text_pieces(text, max_chars, added_tokens)
+        piece = next(pieces)
+        for following in pieces:
+            yield piece, False
+            piece = following
+        yield piece, True
+
+
+def _text_batches(pieces: Iterable[tuple[str, bool]], max_chars: int) -> Iterator[list[tuple[str, bool]]]:
+    """Group `pieces` into lists of at most `max_chars` characters (a longer piece makes a list of its own)."""
     batch, chars = [], 0
-    for text in texts:
-        batch.append(text)
-        chars += len(text)
-        if chars >= max_chars:
+    for piece in pieces:
+        if batch and chars + len(piece[0]) > max_chars:
             yield batch
             batch, chars = [], 0
+        batch.append(piece)
+        chars += len(piece[0])
     if batch:
         yield batch
 
@@ -73,27 +90,33 @@ class PretrainDataset(Dataset):
         """Build the cache: the token stream (each document + the separator) and each document's end offset in it."""
         skipped: list[DataError] = []
         documents = iter_documents(self.path, skip_bad_lines, skipped, desc=f"tokenizing {self.path.name}")
+        # a huge document is tokenised piece by piece: whole, a 50 MB one took 9 GB of RAM
+        pieces = _document_pieces(documents, DOCUMENT_PIECE_CHARS, tokenizer.get_added_vocab())
         n_tokens = n_docs = 0
         with open(tmp["bin"], "wb") as f_bin, open(tmp["docs"], "wb") as f_docs:
-            for texts in _text_batches(documents, TOKENIZE_BATCH_CHARS):  # batches: the fast tokenizer is parallel
-                ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-                n_tokens = self._append_documents(ids, n_tokens, f_bin, f_docs)
-                n_docs += len(ids)
+            for batch in _text_batches(pieces, TOKENIZE_BATCH_CHARS):  # batches: the fast tokenizer is parallel
+                texts, ends_document = zip(*batch)
+                ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+                n_tokens, n_ended = self._append_pieces(ids, ends_document, n_tokens, f_bin, f_docs)
+                n_docs += n_ended
         if n_docs == 0:
             raise DataError(f"{self.path}: no documents")
         return {"tokens": n_tokens, "docs": n_docs, "skipped": len(skipped)}
 
-    def _append_documents(self, ids: list[list[int]], n_tokens: int, f_bin: BinaryIO, f_docs: BinaryIO) -> int:
-        """Append documents (each + the separator) to the token file, their end offsets to the docs file; return
-        the new number of tokens."""
+    def _append_pieces(self, ids: list[list[int]], ends_document: Iterable[bool], n_tokens: int, f_bin: BinaryIO,
+                       f_docs: BinaryIO) -> tuple[int, int]:
+        """Append the tokens of document pieces (the separator after a document's last piece) to the token file,
+        each ended document's end offset to the docs file; return the new number of tokens and of ended documents."""
         stream: list[int] = []
-        for doc in ids:
-            stream += doc
-            stream.append(self.sep_id)
-        ends = n_tokens + np.cumsum([len(doc) + 1 for doc in ids], dtype=np.int64)
+        ends: list[int] = []
+        for piece, ends_doc in zip(ids, ends_document):
+            stream += piece
+            if ends_doc:
+                stream.append(self.sep_id)
+                ends.append(n_tokens + len(stream))
         f_bin.write(np.asarray(stream, dtype=self.dtype).tobytes())
-        f_docs.write(ends.tobytes())
-        return int(ends[-1])
+        f_docs.write(np.asarray(ends, dtype=np.int64).tobytes())
+        return n_tokens + len(stream), len(ends)
 
     def _map(self) -> None:
         self._tokens = np.memmap(self.files["bin"], dtype=self.dtype, mode="r")
@@ -123,24 +146,20 @@ class PretrainDataset(Dataset):
             item["position_ids"] = self._positions(i * self.max_seq_len)
         return item
 
-    def rows_sharing_documents(self, rows: list[int]) -> np.ndarray:
-        """A mask over all rows: True where a row holds part of a document that one of ``rows`` holds (``rows``
-        included). Packing cuts documents, so a row shares its first and last document with the rows beside it
-        (a long document spans several); ``train_eval_split`` keeps those out of training."""
-        shared = np.zeros(len(self), dtype=bool)
+    def shared_row_spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """For each row, the first and the last row that hold part of a document it holds (itself included).
+        Packing cuts documents, so a row shares its first and last document with the rows beside it, and a long
+        document spans many; ``train_eval_split`` keeps the rows that share one with a held-out row out of training."""
+        rows = np.arange(len(self), dtype=np.int64)
         if self.mode == "pad":  # a row is a document
-            shared[rows] = True
-            return shared
+            return rows, rows
         if self._doc_ends is None:
             self._map()
-        starts = np.arange(len(self), dtype=np.int64) * self.max_seq_len
-        first = np.searchsorted(self._doc_ends, starts, side="right")  # each row's first and last document
-        last = np.searchsorted(self._doc_ends, starts + self.max_seq_len - 1, side="right")
-        held = np.zeros(self.n_docs + 1, dtype=np.int64)  # +1 at a held-out row's first document, -1 after its last
-        np.add.at(held, first[rows], 1)
-        np.add.at(held, last[rows] + 1, -1)
-        held_docs = np.concatenate([[0], np.cumsum(np.cumsum(held)[:-1] > 0)])  # held-out documents before each
-        return held_docs[last + 1] - held_docs[first] > 0
+        ends, length = np.asarray(self._doc_ends), self.max_seq_len
+        first = np.searchsorted(ends, rows * length, side="right")  # each row's first and last document
+        last = np.searchsorted(ends, rows * length + length - 1, side="right")
+        first_doc_start = np.where(first > 0, ends[np.maximum(first - 1, 0)], 0)
+        return first_doc_start // length, np.minimum((ends[last] - 1) // length, len(self) - 1)
 
     def _positions(self, row_start: int) -> torch.Tensor:
         """Each token's position within its document; the row's first document counts from the row start."""
