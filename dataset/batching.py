@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from dataset.files import DataError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,8 @@ def train_eval_split(dataset: Dataset, eval_fraction: float | None = None, eval_
     is on text the model has not seen. A row of a long document would take the whole document out of training (one
     document of 455,108 rows once left 54 to train on), so the sample passes over a row whose document would leave
     out more rows than the cap: LEFT_OUT_PER_HELD_OUT per eval row, and at most LEFT_OUT_SHARE of all rows. It says
-    so when it does, and holds out fewer rows than asked when no more fit (none: DataError)."""
+    so when it does, and holds out fewer rows than asked when no more fit; when none fits, the one row that leaves out
+    the fewest (the caller reports how many rows are left out, and stops when none is left to train on)."""
     if (eval_fraction is None) == (eval_size is None):
         raise ValueError("give exactly one of eval_fraction or eval_size")
     n = len(dataset)
@@ -77,11 +77,13 @@ def train_eval_split(dataset: Dataset, eval_fraction: float | None = None, eval_
                 left_out += added
                 continue
         passed_over += 1
-    if not held_out:
-        raise DataError(f"no row can be held out for eval without leaving more than {cap} rows out of training "
-                        f"(each shares a document with too many others); hold out none")
+    none_fits = not held_out
+    if none_fits:  # the row that leaves out the fewest (the caller says how many that leaves out)
+        row = order[int(np.argmin((last - first)[order]))]
+        taken[first[row]:last[row] + 1] = True
+        held_out.append(row)
     if passed_over:
         log.warning("held-out rows: passed over %d row(s) of documents so long that holding one out would leave "
-                    "more than %d rows out of training; %d of the %d rows asked for are held out", passed_over, cap,
-                    len(held_out), n_eval)
+                    "more than %d rows out of training; %d of the %d rows asked for are held out%s", passed_over, cap,
+                    len(held_out), n_eval, ", one that leaves out more, as none fits" if none_fits else "")
     return Subset(dataset, [i for i in order if not taken[i]]), Subset(dataset, held_out)
