@@ -27,14 +27,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from dataset import DataError, PretrainDataset, SFTDataset, resolve_data_path
+from dataset import IGNORE_INDEX, DataError, PretrainDataset, SFTDataset, resolve_data_path
 from model.devices import check_device
 from model.loading import find_weights, load_model
 from model.weights import CheckpointMismatch, check_vocabulary, trained_vocabulary
 from trainer import Stage, build_parser, parse_args, run
 from trainer.engine import Batch
 
-IGNORE_INDEX = -100  # the label of a position without loss (the datasets' and torch's convention)
 SAME_VOCABULARY = ("distillation compares the two models' next-token distributions id by id, so teacher and student "
                    "need one vocabulary: pick a teacher trained with the tokenizer in model/")
 
