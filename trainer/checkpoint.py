@@ -3,6 +3,7 @@ continue the run exactly), both written atomically; and restoring a run from its
 
 from __future__ import annotations
 
+import glob
 import random
 from argparse import Namespace
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from torch import nn
 
 from dataset import DataError
 from model.model_minimind import SHAPE_FIELDS, MiniMindConfig
-from model.loading import CheckpointMismatch, atomic_save, check_vocabulary, load_state_dict_into
+from model.loading import CheckpointMismatch, atomic_save, check_vocabulary, config_path, load_state_dict_into
 from trainer.data import Plan
 from trainer.runtime import Runtime
 
@@ -69,6 +70,21 @@ def load_resume(path: Path, stage: str, config: MiniMindConfig) -> dict[str, Any
     return state
 
 
+def remove_stale_temps(target: Path) -> None:
+    """Delete the temp files an atomic write of ``target`` left behind when its process was killed mid-write
+    (``.<name>.<random>.tmp`` beside it)."""
+    for temp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        temp.unlink(missing_ok=True)
+
+
+def file_stamp(path: Path) -> dict[str, int] | None:
+    """What tells one write of a file from another: its size and modification time (None: no file)."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new_global_batch: int,
                   new_steps_per_epoch: int) -> int:
     """The step of a new global batch size at the same epoch and row of it (each epoch drops its own last partial
@@ -103,7 +119,8 @@ class Checkpointer:
                  args: Namespace, rt: Runtime):
         self.stage, self.save_weights, self.weights_file = stage, save_weights, weights_file
         self.resume_file = resume_path(weights_file)
-        self.model, self.optimizer, self.scaler, self.plan, self.args, self.rt = model, optimizer, scaler, plan, args, rt
+        self.model, self.optimizer, self.scaler, self.plan = model, optimizer, scaler, plan
+        self.args, self.rt = args, rt
         self.run_id: str | None = None  # the logger's run: a resumed run logs on to it
         self.start_step = 0  # where this run started: 0, or the step it resumed at
         self.last_saved: int | None = None  # by this run
@@ -126,17 +143,27 @@ class Checkpointer:
             self.rt.print(f"[resume] global batch {state['global_batch']} -> {self.plan.global_batch} rows: step "
                           f"{state['step']} -> {step}")
         self.start_step, self.run_id = step, state["run_id"]
+        if "weights_stamp" in state and file_stamp(self.weights_file) != state["weights_stamp"]:
+            self.rt.print(f"[resume] {self.weights_file} is not the file saved with {self.resume_file} (a save cut "
+                          f"short, or the file was replaced): both are written again, at step {step}")
+            self.save(step)
         return step
 
     def save(self, step: int) -> None:
+        """The weights file, then the resume file, each written atomically (temp file + rename), on rank 0. The resume
+        file records which weights file it goes with: a kill between the two writes leaves a newer weights file than
+        resume file, and ``restore`` then makes them agree again."""
         if self.rt.is_main:
+            for target in (self.weights_file, config_path(self.weights_file), self.resume_file):
+                remove_stale_temps(target)  # a process killed mid-save leaves its temp file
             config = self.model.config
             self.save_weights(self.model, self.weights_file)
             save_resume(self.resume_file, stage=self.stage, shape=shape_of(config),
                         tokenizer_vocab=config.tokenizer_vocab, model=self.model.state_dict(),
                         optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), step=step,
                         global_batch=self.plan.global_batch, steps_per_epoch=self.plan.steps_per_epoch,
-                        world_size=self.rt.world_size, run_id=self.run_id, args=vars(self.args))
+                        world_size=self.rt.world_size, run_id=self.run_id, args=vars(self.args),
+                        weights_stamp=file_stamp(self.weights_file))
         self.last_saved = step
 
     def last_good(self) -> str:

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dataset import DataError, train_eval_split
-from trainer.runtime import Runtime
+from trainer.runtime import Runtime, ignore_ctrl_c
 from trainer.stage import Batch, supervised_tokens
 
 Collate = Callable[[list[Batch]], Batch]
@@ -59,19 +59,35 @@ class Plan:
     accumulation_steps: int  # micro-batches per step
     world_size: int
     steps_per_epoch: int  # each epoch drops its last partial step
-    total: int
+    epochs: int
+    max_steps: int  # 0: all epochs
 
     @property
     def global_batch(self) -> int:
         """Rows per step, on all ranks together."""
         return self.batch_size * self.accumulation_steps * self.world_size
 
+    @property
+    def total(self) -> int:
+        all_epochs = self.epochs * self.steps_per_epoch
+        return min(self.max_steps, all_epochs) if self.max_steps else all_epochs
+
+    def describe(self) -> str:
+        """The steps the run makes and what decided their number, e.g. "212 steps of 8 rows (2 epochs of 106;
+        --max_steps 300 is more than the data makes)"."""
+        all_epochs = self.epochs * self.steps_per_epoch
+        if self.max_steps and self.max_steps < all_epochs:
+            why = f"--max_steps {self.max_steps}; an epoch is {self.steps_per_epoch}"
+        else:
+            why = f"{self.epochs} epoch{'s' * (self.epochs > 1)} of {self.steps_per_epoch}"
+            why += f"; --max_steps {self.max_steps} is more than the data makes" if self.max_steps > all_epochs else ""
+        return f"{self.total} steps of {self.global_batch} rows ({why})"
+
 
 def plan_steps(train_rows: int, batch_size: int, accumulation_steps: int, world_size: int, epochs: int,
                max_steps: int) -> Plan:
     steps_per_epoch = math.ceil(train_rows / world_size) // batch_size // accumulation_steps
-    total = min(max_steps, epochs * steps_per_epoch) if max_steps else epochs * steps_per_epoch
-    plan = Plan(batch_size, accumulation_steps, world_size, steps_per_epoch, total)
+    plan = Plan(batch_size, accumulation_steps, world_size, steps_per_epoch, epochs, max_steps)
     if steps_per_epoch == 0:
         raise DataError(f"{train_rows} training rows make no step of {plan.global_batch} rows (batch_size x "
                         f"accumulation_steps x GPUs): lower --batch_size, --accumulation_steps or --eval_size, or add "
@@ -88,6 +104,7 @@ def epoch_loader(data: Dataset, batch_size: int, collate: Collate, seed: int, ep
     workers = num_workers if num_workers is not None else (0 if rt.device.type == "cpu" else 4)
     return DataLoader(data, batch_size=batch_size, sampler=list(sampler)[skip_rows:], collate_fn=collate,
                       drop_last=True, num_workers=workers, pin_memory=rt.device.type == "cuda",
+                      worker_init_fn=ignore_ctrl_c,
                       generator=torch.Generator())  # own generator: creating a loader leaves the global RNG alone
 
 

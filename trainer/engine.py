@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import sys
 import time
 from argparse import Namespace
 from collections.abc import Callable
@@ -35,13 +34,13 @@ from tqdm import tqdm
 from dataset import DataError
 from model import MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
-from model.loading import (CheckpointMismatch, checkpoint_path, load_tokenizer, load_weights, looks_like_path, out_dir,
-                           resolve_path, save_transformers)
+from model.loading import (checkpoint_path, load_tokenizer, load_weights, looks_like_path, out_dir, resolve_path,
+                           save_transformers)
 from trainer.args import model_config
 from trainer.checkpoint import Checkpointer, load_resume, resume_path
 from trainer.data import plan_steps, split_data, step_batches
 from trainer.logger import make_logger
-from trainer.runtime import Runtime, any_rank, setup_runtime, shutdown
+from trainer.runtime import CtrlC, Runtime, any_rank, setup_runtime
 from trainer.stage import Batch, Stage, lm_loss  # noqa: F401  (stage scripts import Batch and lm_loss from here too)
 from trainer.step import Progress, accumulate, evaluate, optimizer_step
 
@@ -56,6 +55,7 @@ class Result:
     tokens: int
     seconds: float
     history: list[dict[str, float]]  # one record per logged step: step, loss, lr, tokens_per_s, train/*, eval/*
+    stopped: str | None = None  # why the run ended before its last step: "interrupt" (Ctrl-C) or "time_budget"
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 0) -> float:
@@ -102,6 +102,7 @@ def build_model(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> M
 
 def train(stage: Stage, args: Namespace) -> Result:
     """Train ``stage`` as ``args`` say. Returns on rank 0 and the others alike; the caller shuts DDP down."""
+    deadline = time.time() + args.time_budget if args.time_budget else math.inf  # set-up counts too
     rt = setup_runtime(args.device, args.dtype)
     tokenizer = load_tokenizer()
     raw = build_model(stage, args, tokenizer, rt)  # the plain module, for saving and eval; "model" may be wrapped
@@ -135,8 +136,9 @@ def train(stage: Stage, args: Namespace) -> Result:
     rt.print(f"{stage.name}: {raw.params_summary()} ({config.describe()}), {trainable / 1e6:.2f}M trainable "
              f"({trainable / raw.count_parameters()[0]:.1%}), "
              f"device {rt.device} x{rt.world_size}, {str(rt.dtype).removeprefix('torch.')}")
-    rt.print(f"{len(train_set)} train rows, {len(eval_set or [])} eval rows; {plan.total} steps of {plan.global_batch} "
-             f"rows ({plan.steps_per_epoch} per epoch); lr {args.learning_rate:g}; weights -> {weights_file}")
+    budget = f", at most {args.time_budget:g}s (--time_budget)" if args.time_budget else ""
+    rt.print(f"{len(train_set)} train rows, {len(eval_set or [])} eval rows; {plan.describe()}{budget}; "
+             f"lr {args.learning_rate:g}; weights -> {weights_file}")
     logger = make_logger(args.use_wandb, rt.is_main, args.wandb_project, f"{stage.name}-{config.suffix}",
                          vars(args), checkpoints.run_id)
     checkpoints.run_id = logger.run_id
@@ -147,7 +149,8 @@ def train(stage: Stage, args: Namespace) -> Result:
     batches = step_batches(train_set, plan, step, stage.collate, args.seed, args.num_workers, rt)
     start = time.time()
 
-    with tqdm(total=plan.total, initial=step, disable=not rt.is_main, dynamic_ncols=True) as bar:
+    with tqdm(total=plan.total, initial=step, disable=not rt.is_main, dynamic_ncols=True) as bar, \
+            CtrlC(announce=rt.is_main) as ctrl_c:
         progress = Progress(rt, bar, logger, mfu_per_token_per_s)
         while step < plan.total:
             lr = lr_at(step, plan.total, args.learning_rate, args.warmup_iters)
@@ -163,24 +166,26 @@ def train(stage: Stage, args: Namespace) -> Result:
             step += 1
             bar.update()
 
-            save_due = step == plan.total or every(step, args.save_interval)
-            if not save_due and not every(step, args.log_interval):
-                continue
-            out_of_time = any_rank(rt, bool(args.time_budget) and time.time() - start > args.time_budget)
-            eval_due = step == plan.total or out_of_time or every(step, args.eval_interval)
-            log_point(step, lr, progress, checkpoints, run_eval if eval_due else None, save_due)
-            if out_of_time:
+            # checked every step (a host clock read; under DDP one tiny host all-reduce), so all ranks stop together
+            interrupted, out_of_time = any_rank(rt, ctrl_c.pressed, time.time() > deadline)
+            stopping = interrupted or out_of_time
+            save_due = step == plan.total or stopping or every(step, args.save_interval)
+            if save_due or every(step, args.log_interval):
+                eval_due = step == plan.total or stopping or every(step, args.eval_interval)
+                log_point(step, lr, progress, checkpoints, run_eval if eval_due else None, save_due)
+            if stopping:
                 break
-    if step < plan.total:  # after the bar has closed, so the line stands on its own
-        rt.print(f"[time] --time_budget {args.time_budget:g}s reached at step {step}/{plan.total}")
-    if checkpoints.last_saved != step:
-        checkpoints.save(step)
+    stopped = None if step == plan.total else "interrupt" if interrupted else "time_budget"
+    if stopped:  # after the bar has closed, so the line stands on its own
+        why = "[interrupt] Ctrl-C" if interrupted else f"[time] --time_budget {args.time_budget:g}s reached"
+        rt.print(f"{why} at step {step}/{plan.total}; saved step {step}")
     logger.finish()
-    result = Result(step, progress.tokens_total, time.time() - start, progress.history)
+    result = Result(step, progress.tokens_total, time.time() - start, progress.history, stopped)
     final = result.history[-1] if result.history else {}
+    evals = [f"{k.removeprefix('eval/')} {v:#.4g}" for k, v in final.items() if k.startswith("eval/")]
     rt.print(f"done: {step} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min; "
-             f"train loss {final.get('loss', float('nan')):.3f}"
-             + (f", eval loss {final['eval/loss']:.3f}" if "eval/loss" in final else "") + f"; saved {weights_file}")
+             f"train loss {final.get('loss', float('nan')):.3f}" + (f"; eval {', '.join(evals)}" if evals else "")
+             + f"; saved {weights_file}")
     if args.save_hf and rt.is_main:
         # a stock Llama/Qwen3 folder (MoE: ours) with eos set, loadable without this repo and by llama.cpp
         folder = save_transformers(raw, tokenizer, out_dir(args.out_dir) / f"{weights_file.stem}-hf")
@@ -206,17 +211,3 @@ def log_point(step: int, lr: float, progress: Progress, checkpoints: Checkpointe
     if save:
         checkpoints.save(step)
     progress.restart_clock()  # the next window's speed leaves out this eval and save
-
-
-def run(stage: Stage, args: Namespace) -> None:
-    """A stage script's whole main: train, then leave DDP cleanly. A diverged run, bad data, a missing file or a
-    checkpoint that does not fit exits 1 with its message alone (it says what to do; a traceback would bury it)."""
-    try:
-        train(stage, args)
-    except TrainingDiverged as e:
-        print(f"\n[stopped] {e}", file=sys.stderr, flush=True)
-        shutdown(1)
-    except (DataError, FileNotFoundError, CheckpointMismatch) as e:
-        print(f"\nerror: {e}", file=sys.stderr, flush=True)
-        shutdown(1)
-    shutdown(0)

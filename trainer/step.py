@@ -78,11 +78,13 @@ def evaluate(model: nn.Module, stage: Stage, data: Dataset, batch_size: int, rt:
 
 
 def progress_text(record: dict[str, float]) -> str:
-    """The bar's postfix: loss, lr, speed, then the stage's own metrics (e.g. DPO's reward margin and accuracy)."""
-    text = f"loss {record['loss']:.3f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
-    text += f" mfu {record['mfu']:.1%}" if "mfu" in record else ""
-    text += "".join(f" {k[6:]} {v:.3g}" for k, v in record.items() if k.startswith("train/"))
-    return text + "".join(f" eval_{k[5:]} {v:.3g}" for k, v in record.items() if k.startswith("eval/"))
+    """The bar's postfix: the losses (4 significant digits: 4.001 stays 4.001), lr, speed and MFU. Short enough to
+    leave the bar room on a 140-column terminal; a stage's own metrics (DPO's rewards, the gradient norm) go to the
+    logger and the history."""
+    text = f"loss {record['loss']:#.4g}"
+    text += f" eval_loss {record['eval/loss']:#.4g}" if "eval/loss" in record else ""
+    text += f" lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+    return text + (f" mfu {record['mfu']:.1%}" if "mfu" in record else "")
 
 
 class Progress:
