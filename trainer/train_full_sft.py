@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> None:
                           from_weight="pretrain", save_weight="full_sft", wandb_project="MiniMind-Full-SFT")
     # The demo pretrain is short: at MiniMind's 1e-5 a few hundred SFT steps change nothing visible.
     args = parse_args(parser, argv, sft_file, demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-4,
-                                                        max_steps=200, time_budget=540, log_interval=10,
-                                                        eval_interval=100, eval_size=32))
+                                                        max_steps=200, log_interval=10, eval_interval=100,
+                                                        eval_size=32))
     run(Stage("full_sft", sft_data), args)
 
 

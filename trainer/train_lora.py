@@ -18,6 +18,7 @@ from dataset import files as data_files
 from model import MiniMindConfig
 from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_summary, save_lora
 from trainer import Stage, build_parser, parse_args, run
+from trainer.args import fail
 
 
 DEFAULT_NAME = "identity"  # the only name with a bundled demo set to fall back on
@@ -75,7 +76,7 @@ def parse(argv: list[str] | None = None) -> Namespace:
                                                          max_steps=150, log_interval=10, eval_interval=50,
                                                          eval_size=16))
     if args.save_hf:
-        parser.error("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
+        fail("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
     return args
 
 
