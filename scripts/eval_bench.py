@@ -10,7 +10,8 @@ r"""Score a model on the standard benchmarks with EleutherAI's lm-evaluation-har
 Any model the other tools load (--weight, --load_from, --tokenizer, --lora_weight) goes in as it is loaded: lm-eval's
 own Hugging Face wrapper (``HFLM``) scores it, so the numbers are lm-eval's, with no export and no scorer of ours.
 Multiple-choice tasks compare the log-likelihood of each answer after the question (``acc``: summed over the answer's
-tokens; ``acc_norm``: divided by its length in bytes); generative ones (gsm8k) generate greedily and match the answer.
+tokens; ``acc_norm``: divided by its length in characters); generative ones (gsm8k) generate greedily and match the
+answer.
 The table shows each score with its standard error, the chance level (the mean of 1/number-of-choices over the items
 scored), and MiniMind's published minimind-3 score for the same task (its README: lm-eval, ``acc``).
 
@@ -158,7 +159,8 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
     def percent(value: float | None) -> str:
         return "—" if value is None else f"{100 * value:.2f}"
 
-    lines = [title, "", "| task | metric | score ± stderr | chance | minimind-3 | items |", "|---|---|---:|---:|---:|---:|"]
+    lines = [title, "", "| task | metric | score ± stderr | chance | minimind-3 | items |",
+             "|---|---|---:|---:|---:|---:|"]
     for row in rows:
         task = f"{row['task']} ({MINIMIND_TABLE[row['task']][0]})" if row["task"] in MINIMIND_TABLE else row["task"]
         metric = row["metric"] + (f" ({row['filter']})" if row["filter"] else "")

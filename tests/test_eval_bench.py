@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from model.loading import REPO_ROOT, load_tokenizer, save_transformers, save_weights, vocab_fingerprint
+from scripts.eval_bench import harness_model, main
 from tests.test_eval_llm import another_vocabulary, needs_tokenizer, tiny_checkpoint
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a dev requirement (requirements-eval.txt)")
-from scripts.eval_bench import harness_model, main  # noqa: E402  (imports lm-eval's modules lazily; after the skip)
 
 pytestmark = needs_tokenizer
 BENCH_TASKS = REPO_ROOT / "tests" / "bench_tasks"
@@ -77,8 +77,8 @@ def test_a_custom_task_runs_end_to_end_offline(tmp_path):
     """The script as a user runs it: a subprocess, offline, on the committed YAML; the table's numbers are lm-eval's
     (the accuracy is the mean of the per-item scores it writes to --output)."""
     tiny_checkpoint(tmp_path)
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "eval_bench.py"), "--weight",
                            str(tmp_path / "full_sft_64.pth"), "--tasks", "tiny_ceval", "--include_path", ".",
                            "--device", "cpu", "--output", str(tmp_path / "lm_eval")],
@@ -97,9 +97,9 @@ def test_a_custom_task_runs_end_to_end_offline(tmp_path):
 
 def test_accuracy_follows_what_the_model_learned(tmp_path, run_bench):
     """A model trained for 80 steps on text holding each item's right answer (its prompt followed by the letter) picks
-    the right letter on all twelve items; the same model before training scores 4/12 (chance: 3/12, and the answers
-    are spread evenly over A-D, so always picking one letter scores 3/12). A scorer that ignored the model could not
-    tell the two apart."""
+    the right letter on all twelve items; the same model before training scores 2/12 (chance: 3/12, and the answers
+    are spread evenly over A-D, so always picking one letter scores 3/12 too). A scorer that ignored the model could
+    not tell the two apart."""
     tokenizer = load_tokenizer()
     model = tiny_checkpoint(tmp_path, tokenizer_vocab=vocab_fingerprint(tokenizer))
     before = run_bench(tmp_path / "full_sft_64.pth", "--tasks", "tiny_ceval")
@@ -183,8 +183,8 @@ def test_bad_input_is_one_line_without_a_traceback(tmp_path, tasks_dir):
         (weights + ["--tasks", "siqa"], "error: lm-eval has no task 'siqa'; close: social_iqa, "),
         (weights + ["--tasks", "arc_easy", "--limit", "1"],  # offline, and not in the (empty) datasets cache
          "error: Couldn't reach 'allenai/ai2_arc' on the Hub (OfflineModeIsEnabled): the task data comes from"),
-        (weights + ["--tasks", "tiny_scripted"], "error: Dataset scripts are no longer supported, but found scripted.py: "
-                                                 "this task's dataset needs a loading script"),
+        (weights + ["--tasks", "tiny_scripted"],
+         "error: Dataset scripts are no longer supported, but found scripted.py: this task's dataset needs a loading"),
         (weights + ["--tokenizer", str(another_vocabulary(tmp_path / "other"))],
          f"error: {tmp_path / 'full_sft_64.pth'} was trained with another tokenizer"),
         (["--weight", str(tmp_path / "none.pth")], f"error: no checkpoint at {tmp_path / 'none.pth'}"),
