@@ -36,7 +36,7 @@ from model import MiniMindForCausalLM
 from model.files import checkpoint_path, out_dir, resolve_path
 from model.flops import flops_per_token, peak_tflops
 from model.hf_interop import save_transformers
-from model.loading import load_tokenizer, looks_like_path
+from model.loading import load_tokenizer, looks_like_path, make_it_with
 from model.weights import load_weights
 from trainer.args import model_config
 from trainer.checkpoint import Checkpointer, load_resume, resume_path
@@ -80,11 +80,10 @@ def load_start_weights(model: nn.Module, from_weight: str, directory: str | None
     is_path = looks_like_path(from_weight)
     path = resolve_path(from_weight) if is_path else checkpoint_path(from_weight, model.config, directory)
     if not path.is_file():
-        shape = model.config.describe().split(" (")[0]
-        where = f" --out_dir {directory}" if directory else ""
-        make = "" if is_path else f" It is written by: python trainer/train_{from_weight}.py {shape}{where}."
-        raise FileNotFoundError(f"--from_weight {from_weight}: no checkpoint at {path}.{make} "
-                                f"Or start from random weights with --from_weight none.")
+        message = f"--from_weight {from_weight}: no checkpoint at {path}."
+        if not is_path and (make := make_it_with(from_weight, model.config, directory)):
+            message += f" {make}"  # on this line, so the command is the rest of it
+        raise FileNotFoundError(f"{message}\nOr start from random weights with --from_weight none.")
     load_weights(model, path)
 
 
