@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # --from_weight), for the "Make it with" hints.
 TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
                  "full_dist": "train_distillation.py"}
-STARTS_FROM = {"full_sft": "pretrain", "dpo": "full_sft"}
+STARTS_FROM = {"full_sft": "pretrain", "dpo": "full_sft", "full_dist": "full_sft"}
 MAKE_IT_WITH = "Make it with (in the repo root): "  # the rest of the line is the command, runnable as printed
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.
