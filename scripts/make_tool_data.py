@@ -1,7 +1,8 @@
 """Write dataset/demo/sft_tools.jsonl: tool-use SFT rows generated from model/tools.py.  生成工具调用演示数据。
 
     python scripts/make_tool_data.py                 # byte-identical every time (seed 1234)
-    python trainer/train_full_sft.py --data_path dataset/demo/sft_tools.jsonl --from_weight full_sft
+    python trainer/train_full_sft.py --data_path dataset/demo/sft_tools.jsonl --from_weight full_sft \
+        --save_weight full_sft_tools --max_seq_len 1024      # then scripts/eval_toolcall.py --weight full_sft_tools
 
 Each row is a chat in minimind-3's stored format: a system turn whose ``tools`` (a JSON string) offers the needed
 tool(s) and one other, a question in Chinese or English, an assistant turn that calls (``tool_calls``, a JSON
