@@ -134,9 +134,13 @@ def respond(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, prom
 
 
 def converse(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig,
-             messages: list[dict], args: argparse.Namespace) -> list[dict] | None:
+             messages: list[dict], args: argparse.Namespace, plain: bool = False) -> list[dict] | None:
     """The new messages answering ``messages``, printed as they come: the reply, or with ``args.tools`` the replies
-    that call tools, the tools' answers (tool turns) and the final reply. None when Ctrl-C cut it short."""
+    that call tools, the tools' answers (tool turns) and the final reply. ``plain``: a pretrained model continues the
+    last message as text, without the chat template. None when Ctrl-C cut it short."""
+    if plain:
+        reply = respond(model, tokenizer, plain_prompt(tokenizer, messages[-1]["content"]), config, bool(args.show_speed))
+        return None if reply is None else [assistant_turn(reply, [])]
     tools, thinking = args.tools, None if args.open_thinking is None else bool(args.open_thinking)
 
     def ask(history: list[dict]) -> dict | None:
@@ -155,11 +159,8 @@ def run_auto(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, con
     replies = []
     for text in PLAIN_PROMPTS if plain else CHAT_PROMPTS:
         print(f"👶: {text}")
-        if plain:
-            replies.append(respond(model, tokenizer, plain_prompt(tokenizer, text), config, bool(args.show_speed)) or "")
-        else:
-            new = converse(model, tokenizer, config, [{"role": "user", "content": text}], args)
-            replies.append((new[-1]["content"] or "") if new else "")
+        new = converse(model, tokenizer, config, [{"role": "user", "content": text}], args, plain)
+        replies.append((new[-1]["content"] or "") if new else "")
         print()
     mean_len = sum(map(len, replies)) / len(replies)
     mean_rep = sum(ngram_repetition(r) for r in replies) / len(replies)
@@ -173,7 +174,7 @@ def run_chat(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, con
     history_cnt, max_context = args.history_cnt, args.max_context
     print("/clear: forget the history 清空历史 · /exit or Ctrl-D: quit 退出 · Ctrl-C: stop a reply 中断回答",
           file=sys.stderr)
-    messages: list[dict[str, str]] = []
+    messages: list[dict] = []
     for text in read_prompts(sys.stdin.isatty()):
         if text == "/exit":
             break
@@ -185,11 +186,7 @@ def run_chat(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, con
         messages.append({"role": "user", "content": text})
         if max_context and not plain:
             messages = fit_history(tokenizer, messages, max_context)
-        if plain:
-            reply = respond(model, tokenizer, plain_prompt(tokenizer, text), config, bool(args.show_speed))
-            new = None if reply is None else [{"role": "assistant", "content": reply}]
-        else:
-            new = converse(model, tokenizer, config, messages, args)
+        new = converse(model, tokenizer, config, messages, args, plain)
         if new is None:
             messages.pop()  # an interrupted turn is not part of the history
         else:
