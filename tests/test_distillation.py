@@ -21,9 +21,8 @@ from model.files import REPO_ROOT
 from model.hf_interop import save_transformers
 from model.loading import load_model, load_tokenizer
 from model.weights import CheckpointMismatch, save_weights
-from trainer import train
+from trainer import lm_loss, train
 from trainer.args import model_config
-from trainer.engine import lm_loss
 from trainer.train_distillation import (DistillationLoss, detect_kind, distillation_data, distillation_loss,
                                         distillation_stage, load_teacher, parse)
 

@@ -84,3 +84,32 @@ def test_no_module_imports_itself_through_a_circle():
         if name not in state:
             visit(name, [])
     assert not circles
+
+
+def defined_names(path: Path) -> set[str]:
+    """The names a module defines at its top level (functions, classes, assignments), not those it imports."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {name.id for target in targets for name in ast.walk(target) if isinstance(name, ast.Name)}
+    return names
+
+
+PYTHON_FILES = sorted(path for path in REPO_ROOT.rglob("*.py") if not {".git", ".venv"} & set(path.parts))
+
+
+@pytest.mark.parametrize("path", PYTHON_FILES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
+def test_names_are_imported_from_the_module_that_defines_them(path):
+    """``from trainer.engine import Batch`` works only while engine.py happens to import Batch itself: a name comes
+    from the module that defines it (a package's __init__ may gather names; a submodule is imported by its name)."""
+    wrong = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in MODULES \
+                and MODULES[node.module].name != "__init__.py":
+            defined = defined_names(MODULES[node.module])
+            wrong += [f"line {node.lineno}: {alias.name} from {node.module}" for alias in node.names
+                      if alias.name not in defined and f"{node.module}.{alias.name}" not in MODULES]
+    assert not wrong

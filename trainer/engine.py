@@ -43,7 +43,7 @@ from trainer.checkpoint import Checkpointer, load_resume, resume_path
 from trainer.data import plan_steps, split_data, step_batches
 from trainer.logger import make_logger
 from trainer.runtime import CtrlC, Runtime, any_rank, setup_runtime
-from trainer.stage import Batch, Stage, lm_loss  # noqa: F401  (stage scripts import Batch and lm_loss from here too)
+from trainer.stage import Stage
 from trainer.step import Progress, accumulate, evaluate, optimizer_step
 
 

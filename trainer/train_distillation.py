@@ -32,7 +32,7 @@ from model.devices import check_device
 from model.loading import find_weights, load_model
 from model.weights import CheckpointMismatch, check_vocabulary, trained_vocabulary
 from trainer import Stage, build_parser, parse_args, run
-from trainer.engine import Batch
+from trainer.stage import Batch
 
 SAME_VOCABULARY = ("distillation compares the two models' next-token distributions id by id, so teacher and student "
                    "need one vocabulary: pick a teacher trained with the tokenizer in model/")
