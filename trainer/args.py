@@ -20,6 +20,18 @@ from model.weights import vocab_fingerprint
 DEMO_TIME_BUDGET = 540  # seconds: every stage's demo run stops after 9 minutes, whatever the machine
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with the script's docstring as written (its example commands one per line) and each flag's default,
+    unless the help text already says it or there is none to show (None, a switch's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class FlagParser(argparse.ArgumentParser):
     """argparse, whose error for a mistyped flag names the flag it was probably meant to be."""
 
@@ -40,9 +52,9 @@ def fail(message: str) -> NoReturn:
 
 def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     """The shared flags with a stage's own defaults (``lr``, ``epochs``, ...); a stage adds its own flags to it."""
-    p = FlagParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = FlagParser(description=description, formatter_class=HelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--epochs", type=int, default=1, help="passes over the training rows")
     run.add_argument("--batch_size", type=int, default=32, help="rows per micro-batch per GPU")
     run.add_argument("--learning_rate", type=float, default=5e-4, help="peak LR; the cosine ends at 0.1x")
     run.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps before the cosine")
@@ -53,7 +65,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--time_budget", type=float, default=0,
                      help="stop after this many seconds, set-up included: checked after every step; the run then "
                           "evaluates, saves and prints the --from_resume 1 command (0: no limit)")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=int, default=42, help="seeds the initial weights, the split and the data order")
     run.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best there is)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="autocast dtype (auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU and MPS)")
@@ -71,7 +83,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     shape.add_argument("--hidden_size", type=int, default=None, help="default 512")
     shape.add_argument("--num_hidden_layers", type=int, default=None, help="default 8")
     shape.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="default 0")
-    shape.add_argument("--max_seq_len", type=int, default=512)
+    shape.add_argument("--max_seq_len", type=int, default=512, help="tokens per training row")
 
     io = p.add_argument_group("data and checkpoints")
     io.add_argument("--data_path", default=None,
@@ -96,7 +108,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     log.add_argument("--eval_interval", type=int, default=500, help="steps between held-out evals (0: end only)")
     log.add_argument("--eval_size", type=int, default=200, help="rows held out for eval (0: no eval)")
     log.add_argument("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
-    log.add_argument("--wandb_project", default="MiniMind")
+    log.add_argument("--wandb_project", default="MiniMind", help="the swanlab project (with --use_wandb)")
     log.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU (default: from its name)")
     p.set_defaults(**defaults)
     return p
