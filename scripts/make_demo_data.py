@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dataset.sources import SOURCES_DIR, chatterbot_dialogues, fetch_sources
+from model.cli import HelpFormatter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,7 +177,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter).parse_args(argv)
     rng = random.Random(SEED)
     sources = fetch_sources()
     dialogues = load_dialogues(sources["chatterbot_corpus"])

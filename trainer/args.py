@@ -13,23 +13,12 @@ from typing import Any, NoReturn
 
 from dataset import files as data_files
 from model import MiniMindConfig
+from model.cli import HelpFormatter
 from model.devices import best_device
 from model.files import out_dir
 from model.weights import vocab_fingerprint
 
 DEMO_TIME_BUDGET = 540  # seconds: every stage's demo run stops after 9 minutes, whatever the machine
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help with the script's docstring as written (its example commands one per line) and each flag's default,
-    unless the help text already says it or there is none to show (None, a switch's False)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if "default" in text or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS)) \
-                or not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 class FlagParser(argparse.ArgumentParser):
