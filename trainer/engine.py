@@ -1,8 +1,8 @@
 """The one training loop every stage shares.
 
-A stage (pretrain, full SFT, LoRA, DPO) is a ``Stage`` (trainer/stage.py): its name, its dataset, its loss as a
-function of model and batch, and optional hooks. Everything else happens once, here, and ``train`` reads top to
-bottom: set up, then per step the LR, the micro-batches, forward/backward, the optimizer step, and every
+A stage (pretrain, full SFT, LoRA, DPO, distillation) is a ``Stage`` (trainer/stage.py): its name, its dataset, its
+loss as a function of model and batch, and optional hooks. Everything else happens once, here, and ``train`` reads
+top to bottom: set up, then per step the LR, the micro-batches, forward/backward, the optimizer step, and every
 --log_interval steps one ``log_point`` (NaN guard, eval, log, save). The pieces it calls live beside it:
 
     trainer/data.py        split, plan, and the batch order a resumed run picks up at any step
