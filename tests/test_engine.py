@@ -10,11 +10,11 @@ from model import MiniMindConfig, MiniMindForCausalLM
 from model.loading import load_weights
 from tests.ddp_train import TokenRows, prompt_rows, tiny_args, token_rows
 from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
-from trainer.checkpoint import load_resume
+from trainer.checkpoint import load_resume, rescaled_step
 import trainer.args
-import trainer.engine
+import trainer.data
 from dataset import DataError
-from trainer.engine import load_start_weights, rescaled_step
+from trainer.engine import load_start_weights
 
 
 def tiny_model(**overrides) -> MiniMindForCausalLM:
@@ -217,7 +217,7 @@ def bad_row_at(read: int) -> type[TokenRows]:
 def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path, monkeypatch, workers):
     """Reads are in order (a worker prefetches, but the batches arrive in order): read 13 is the first row of step 4.
     From a worker the error comes wrapped in its traceback; the message keeps only the error."""
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)  # it would read rows ahead
+    monkeypatch.setattr(trainer.data, "check_supervision", lambda *args: None)  # it would read rows ahead
     rows = bad_row_at(13)
     with pytest.raises(DataError) as err:
         train(Stage("pretrain", lambda args, tok: rows()), tiny_args("--out_dir", str(tmp_path), "--num_workers", workers))
@@ -227,7 +227,7 @@ def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path
 
 
 def test_a_bad_first_row_of_a_new_run_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)
+    monkeypatch.setattr(trainer.data, "check_supervision", lambda *args: None)
     train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "2"))
     before = (tmp_path / "pretrain_64.pth").read_bytes()
     rows = bad_row_at(1)
@@ -284,7 +284,7 @@ def test_a_new_global_batch_resumes_at_the_same_row_end_to_end(tmp_path, monkeyp
     with batch 4 the run must go on with rows 16-19 of epoch 1's order."""
     from torch.utils.data import DistributedSampler
 
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)
+    monkeypatch.setattr(trainer.data, "check_supervision", lambda *args: None)
     reads = []
 
     class Recorded(TokenRows):

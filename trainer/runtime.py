@@ -67,6 +67,19 @@ def setup_runtime(device: str | None = None, dtype: str = "auto") -> Runtime:
     return Runtime(dev, amp, rank, local_rank, world)
 
 
+def all_ranks(rt: Runtime, value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``value`` summed (or ``op``) over all ranks, in place; as is in one process."""
+    if rt.ddp:
+        dist.all_reduce(value, op=op)
+    return value
+
+
+def any_rank(rt: Runtime, flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank: every rank must stop together, or the others would wait forever at the
+    next all-reduce."""
+    return bool(all_ranks(rt, torch.tensor(float(flag), device=rt.device), dist.ReduceOp.MAX).item())
+
+
 def shutdown(code: int = 0) -> None:
     """Leave the process group (if any) and exit with ``code``. gloo sometimes aborts (SIGABRT) in interpreter
     teardown after destroy_process_group, so a gloo process ends with os._exit once its output is flushed."""
