@@ -157,9 +157,10 @@ def train(stage: Stage, args: Namespace) -> Result:
                 micro_batches = list(next(batches))
             except DataError as e:
                 raise checkpoints.stop_on_bad_row(e, step, progress.went_bad()) from None
-            accumulate(model, stage, micro_batches, scaler, progress, rt)
-            grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
-            progress.end_step(step, None if scaler.is_enabled() else grad_norm)
+            for step_batch in stage.rollout(model, micro_batches, step, rt) if stage.rollout else [micro_batches]:
+                accumulate(model, stage, step_batch, scaler, progress, rt)
+                grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
+                progress.end_step(step, None if scaler.is_enabled() else grad_norm)
             step += 1
             bar.update()
 

@@ -4,7 +4,7 @@ keep (next-token loss, counted by supervised tokens, saved as MiniMind's ``out/<
 from __future__ import annotations
 
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from dataset import pad_collate
 from model import MiniMindConfig
 from model.loading import checkpoint_path, save_weights
+from trainer.runtime import Runtime
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -53,3 +54,7 @@ class Stage:
     weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
     save_weights: Callable[[nn.Module, Path], Any] = save_weights  # what goes into the weights file
     collate: Callable[[list[Batch]], Batch] = pad_collate
+    # RL (trainer/rollout.py): (model, one step's data micro-batches, step, runtime) -> the micro-batches of each
+    # optimizer step made on them: GRPO samples and scores replies to the prompts and makes one step on them, PPO
+    # several. None: one step on the data micro-batches as they are.
+    rollout: Callable[[nn.Module, list[Any], int, Runtime], Iterable[list[Batch]]] | None = None

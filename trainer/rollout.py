@@ -1,0 +1,171 @@
+"""The rollout phase the RL stages share: prompts -> sampled replies -> rewards -> the tensors their losses need.
+
+    rollout = Rollout(tokenizer, RolloutSettings.from_args(args), rewards, reward_model)
+    batch = rollout.sample(policy, rows, step, rt)          # input_ids, attention_mask, reply_mask, reward/*
+    batch["old_logps"] = reply_logps(model, batch, T)[0]    # under no_grad and rt.autocast(), as training computes it
+
+Sampling runs HF ``generate`` (KV cache) in eval mode. Each reply has its own random generator, seeded from (seed,
+step, the prompt's row in the file, the reply's number): a reply does not depend on the rank or the batch its prompt
+lands in, and a resumed run samples what an uninterrupted one does. Rewards are scored right after sampling, before
+any policy or reference forward (a reward model then never shares memory with their activations).
+
+On CUDA a static (preallocated) KV cache may sample faster; it is not measured here (no GPU), so generate uses
+transformers' default dynamic cache.
+"""
+
+from __future__ import annotations
+
+import random
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from model.generation import chat_prompt, stop_token_ids
+from trainer.rewards import Reply, RewardFn, score
+from trainer.runtime import Runtime
+from trainer.stage import Batch
+
+Row = dict[str, Any]  # a prompt row of dataset.rl_dataset: index, messages, tools, gt
+
+
+@dataclass
+class RolloutSettings:
+    num_generations: int  # replies per prompt
+    max_gen_len: int  # new tokens per reply at most
+    max_prompt_len: int  # prompt tokens at most (--max_seq_len); longer prompts keep their end, and are counted
+    temperature: float
+    thinking_ratio: float  # share of prompts whose generation prompt opens a think block
+    seed: int
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> RolloutSettings:
+        return cls(args.num_generations, args.max_gen_len, args.max_seq_len, args.temperature, args.thinking_ratio,
+                   args.seed)
+
+
+def reply_seed(seed: int, step: int, row: int, reply: int) -> int:
+    """A 63-bit seed that depends on all four numbers (and nothing else)."""
+    return int(np.random.SeedSequence([seed, step, row, reply]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generation_prompt(tokenizer: Any, row: Row, think: bool) -> str:
+    """The chat up to an open assistant turn; with ``think`` the turn opens a live think block. (The chat template's
+    ``open_thinking`` switch, added in another branch, will replace this suffix.)"""
+    return chat_prompt(tokenizer, row["messages"], row.get("tools")) + ("<think>\n" if think else "")
+
+
+class GumbelSampling(LogitsProcessor):
+    """Sampling at ``temperature`` as greedy decoding of Gumbel-perturbed logits (argmax(l/T + g) is a sample of
+    softmax(l/T)), each row drawing its noise from its own generator."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float):
+        self.generators, self.temperature = generators, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=g.device) for g in self.generators])
+        return scores.float() / self.temperature - torch.log(-torch.log(uniform.to(scores.device)))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a left-padded [N, T] tensor and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def up_to_first_stop(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of each row's tokens up to and including its first stop token, whether the row has one)."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before each position
+    return (stops_before == 0).long(), is_stop.any(-1)
+
+
+def reply_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) \
+        -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per reply token, its log-probability under ``model`` at ``temperature`` ([N, R], float32), and the MoE
+    balancing loss. The one forward the old, reference and training log-probs all use: called under the same autocast,
+    they agree to the bit for the same weights."""
+    reply_len = batch["reply_mask"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=reply_len + 1)
+    logits = out.logits[:, :-1].float() / temperature  # the logits at t score the token at t+1
+    targets = batch["input_ids"][:, -reply_len:]
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1), out.aux_loss
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool = True) -> torch.Tensor:
+    """Mean over masked-in tokens: per sequence, then over sequences (MiniMind's GRPO), or over all tokens at once
+    (``per_sequence=False``: DAPO / Dr. GRPO's token-level mean, where a long reply counts by its length)."""
+    mask = mask.to(values.dtype)
+    if per_sequence:
+        return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rewards_total(batch: Batch) -> torch.Tensor:
+    """The sum of a rollout batch's reward components ([N])."""
+    return sum(v for k, v in batch.items() if k.startswith("reward/"))
+
+
+def reward_metrics(batch: Batch) -> dict[str, torch.Tensor]:
+    """What every RL stage logs about its rollouts: the mean reward and each component, reply length, stopped share."""
+    metrics = {k: v.float().mean() for k, v in batch.items() if k.startswith("reward/")}
+    metrics["reward"] = rewards_total(batch).float().nanmean()
+    metrics["reply_tokens"] = batch["reply_mask"].sum(-1).float().mean()
+    metrics["finished"] = batch["finished"].float().mean()
+    metrics["truncated_prompts"] = batch["truncated_prompts"].float().sum()
+    return metrics
+
+
+class Rollout:
+    def __init__(self, tokenizer: Any, settings: RolloutSettings, rewards: dict[str, RewardFn],
+                 reward_model: Callable[[list[Reply]], list[float]] | None = None):
+        self.tokenizer, self.settings, self.rewards, self.reward_model = tokenizer, settings, rewards, reward_model
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[-1]
+
+    def prompt_tokens(self, row: Row, step: int) -> list[int]:
+        s = self.settings
+        think = random.Random(reply_seed(s.seed, step, row["index"], s.num_generations)).random() < s.thinking_ratio
+        return self.tokenizer(generation_prompt(self.tokenizer, row, think), add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def sample(self, policy: nn.Module, rows: list[Row], step: int, rt: Runtime) -> Batch:
+        """``num_generations`` replies to each prompt of ``rows``, scored: input_ids = left-padded prompt + reply
+        (padded after its stop token), attention_mask, reply_mask (reply tokens up to and including the first stop),
+        finished, truncated_prompts, and reward/<name> per component (all [N] or [N, T], N = rows x generations, a
+        prompt's replies next to each other)."""
+        s = self.settings
+        prompts = [self.prompt_tokens(row, step) for row in rows]
+        truncated = sum(len(p) > s.max_prompt_len for p in prompts)
+        prompts = [p[-s.max_prompt_len:] for p in prompts]  # the end holds the question and the open assistant turn
+        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(s.num_generations)], self.pad_id)
+        generators = [torch.Generator(rt.device).manual_seed(reply_seed(s.seed, step, row["index"], j))
+                      for row in rows for j in range(s.num_generations)]
+        config = GenerationConfig(do_sample=False, max_new_tokens=s.max_gen_len, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.pad_id)
+        was_training = policy.training
+        policy.eval()
+        with rt.autocast():
+            out = policy.generate(input_ids=prompt_ids.to(rt.device), attention_mask=prompt_mask.to(rt.device),
+                                  generation_config=config,
+                                  logits_processor=LogitsProcessorList([GumbelSampling(generators, s.temperature)]))
+        policy.train(was_training)
+        replies = out[:, prompt_ids.shape[1]:].cpu()
+        reply_mask, finished = up_to_first_stop(replies, self.stop_ids)
+        texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(replies, reply_mask)],
+                                            skip_special_tokens=True)
+        scored = score([Reply(text, bool(done), row) for text, done, row in
+                        zip(texts, finished, (row for row in rows for _ in range(s.num_generations)))],
+                       self.rewards, self.reward_model)
+        batch = {"input_ids": torch.cat([prompt_ids, replies], 1),
+                 "attention_mask": torch.cat([prompt_mask, reply_mask], 1), "reply_mask": reply_mask,
+                 "finished": finished, "truncated_prompts": torch.tensor([truncated]),
+                 **{f"reward/{k}": v for k, v in scored.items()}}
+        return {k: v.to(rt.device) for k, v in batch.items()}
