@@ -1,0 +1,240 @@
+"""The RL stages (GRPO / CISPO): loss maths against hand-worked values, rewards, the rollout, the first ratio, learning,
+resume and DDP. Tiny models, CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.loading import REPO_ROOT, load_tokenizer
+from trainer import Stage, train
+from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
+from trainer.rollout import masked_mean, reply_logps, up_to_first_stop
+from trainer.runtime import Runtime
+from trainer.train_grpo import GRPO, group_advantages, grpo_stage, grpo_token_loss, k3_kl, parse
+
+ENV = {"SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def write_prompts(path: Path, n: int = 8) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"conversations": [{"role": "user", "content": f"Question {i}: say something."},
+                               {"role": "assistant", "content": "无"}], **({"gt": str(i)} if i % 2 else {})}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_flags(tmp_path: Path, *flags: str) -> list[str]:
+    """A 2-layer, 32-wide fp32 CPU GRPO run from random weights, logging every step; later flags win."""
+    return ["--hidden_size", "32", "--num_hidden_layers", "2", "--from_weight", "none", "--device", "cpu",
+            "--dtype", "float32", "--data_path", str(write_prompts(tmp_path / "rl.jsonl")), "--out_dir",
+            str(tmp_path / "out"), "--batch_size", "2", "--num_generations", "4", "--max_gen_len", "6",
+            "--max_seq_len", "64", "--learning_rate", "1e-3", "--thinking_ratio", "0.5", "--log_interval", "1",
+            "--max_steps", "4", "--save_interval", "0", "--time_budget", "0", *flags]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# maths
+
+
+def test_group_advantages_by_hand():
+    adv, skipped = group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), group_size=3)
+    s = 1 / (1 + 1e-4)  # group 1: mean 2, unbiased std 1; group 2: all equal, so nothing to learn
+    torch.testing.assert_close(adv, torch.tensor([-s, 0.0, s, 0.0, 0.0, 0.0]))
+    assert skipped == 0
+
+
+def test_a_nan_reward_is_skipped_not_spread():
+    adv, skipped = group_advantages(torch.tensor([1.0, float("nan"), 3.0, 0.0]), group_size=4)
+    # the NaN reply gets advantage 0; the others: mean 4/3, std of (1, 3, 0)
+    rest = torch.tensor([1.0, 3.0, 0.0])
+    expected = (rest - rest.mean()) / (rest.std() + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([expected[0], 0.0, expected[1], expected[2]]))
+    assert skipped == 1
+
+
+def test_k3_kl_is_nonnegative_and_zero_at_the_reference():
+    logps, ref = torch.randn(4, 7), torch.randn(4, 7)
+    assert (k3_kl(logps, ref) >= 0).all()
+    assert torch.equal(k3_kl(logps, logps), torch.zeros(4, 7))
+    # by hand: ref − π = ln 2 -> 2 − ln 2 − 1
+    torch.testing.assert_close(k3_kl(torch.tensor([0.0]), torch.tensor([0.6931471805599453])),
+                               torch.tensor([1 - 0.6931471805599453]))
+
+
+def test_grpo_token_loss_by_hand():
+    ratio = torch.tensor([[1.5, 0.5, 1.1]])
+    old = torch.zeros(1, 3)
+    logps = ratio.log()
+    for a, expected in [(1.0, [-1.2, -0.5, -1.1]), (-1.0, [1.5, 0.8, 1.1])]:
+        # A > 0: min(ρA, clip(ρ)A) takes the clipped 1.2 and the unclipped 0.5; A < 0: the unclipped 1.5, clipped 0.8
+        loss, r, kl = grpo_token_loss(logps, old, logps, torch.tensor([a]), "grpo", epsilon=0.2, beta=0.1)
+        torch.testing.assert_close(loss, torch.tensor([expected]))
+        torch.testing.assert_close(r, ratio)
+        assert torch.equal(kl, torch.zeros(1, 3))
+
+
+def test_cispo_weight_is_clipped_above_and_detached():
+    logps = torch.tensor([[0.0, 2.0]], requires_grad=True)  # ratios 1 and e² ≈ 7.4 against old log-probs 0
+    ref = torch.tensor([[0.0, 2.0]])
+    loss, _, _ = grpo_token_loss(logps, torch.zeros(1, 2), ref, torch.tensor([2.0]), "cispo", epsilon_high=5.0,
+                                 beta=0.1)
+    torch.testing.assert_close(loss, torch.tensor([[-0.0, -2 * 5.0 * 2.0]]))  # −sg(min(ρ, 5))·A·log π
+    loss.sum().backward()
+    # the gradient flows through log π only: −min(ρ, 5)·A (the KL term's gradient is 0 where π = ref)
+    torch.testing.assert_close(logps.grad, torch.tensor([[-2.0, -10.0]]))
+
+
+def test_sequence_and_token_means_by_hand():
+    values = torch.tensor([[1.0, 3.0, 100.0], [4.0, 4.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the first reply stopped after 2 tokens
+    assert masked_mean(values, mask).item() == pytest.approx((2 + 4) / 2)
+    assert masked_mean(values, mask, per_sequence=False).item() == pytest.approx((1 + 3 + 12) / 5)
+
+
+def test_reply_mask_runs_to_the_first_stop_token():
+    mask, finished = up_to_first_stop(torch.tensor([[5, 6, 2, 0, 0], [5, 6, 7, 8, 9]]), [2, 0])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]] and finished.tolist() == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rewards
+
+
+def test_rule_rewards_by_hand():
+    assert REWARDS["length"](Reply("short", True)) == -0.5
+    assert REWARDS["length"](Reply("x" * 20, True)) == 0.5
+    assert think_reward(Reply("no think block here", True)) == 0.0
+    assert think_reward(Reply("t" * 25 + "</think>answer", True)) == 1.25
+    assert think_reward(Reply("tiny</think>a</think>b", True)) == -0.75
+    assert repetition_reward(Reply("a b c d e f", True)) == 0.0
+    assert repetition_reward(Reply("la la la la la la", True)) == -0.5  # 3 of 4 trigrams repeat: capped at 0.5
+    assert REWARDS["format"](Reply("", False)) == -0.5 and REWARDS["format"](Reply("", True)) == 0.5
+    with pytest.raises(ValueError, match="unknown reward nope"):
+        parse_rewards("length,nope")
+
+
+def test_answer_reward_matches_numbers_text_and_facts():
+    assert answer_reward(Reply("<think>2+2</think>The answer is 4.", True, {"gt": "4"})) == 1.0
+    assert answer_reward(Reply("It is 1,000 or 5", True, {"gt": 1000})) == 0.0  # the last number is the answer
+    assert answer_reward(Reply("It is 5, no: 1,000", True, {"gt": 1000})) == 1.0
+    assert answer_reward(Reply("Paris.", True, {"gt": "paris"})) == 1.0
+    assert answer_reward(Reply("Paris is big", True, {"gt": "paris"})) == 0.0
+    assert answer_reward(Reply("sunny, 25 degrees", True, {"gt": ["sunny", "25.0", "rain"]})) == pytest.approx(2 / 3)
+    assert answer_reward(Reply("anything", True, {})) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the rollout and the first update
+
+
+def grpo_with_model(tmp_path: Path, *flags: str) -> tuple[GRPO, torch.nn.Module, list[dict]]:
+    from model import MiniMindConfig, MiniMindForCausalLM
+    from dataset.rl_dataset import RLPromptDataset
+
+    args = parse(tiny_flags(tmp_path, *flags))
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=2, vocab_size=len(tokenizer)))
+    grpo = GRPO(args)
+    grpo.setup(model, args)
+    rows = RLPromptDataset(args.data_path, tokenizer, args.max_seq_len)
+    return grpo, model, [rows[i] for i in range(3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_first_ratio_is_exactly_one(tmp_path, dtype):
+    grpo, model, rows = grpo_with_model(tmp_path)
+    rt = Runtime(torch.device("cpu"), dtype)
+    [[batch]] = list(grpo.rollout(model, [rows], step=0, rt=rt))
+    assert batch["input_ids"].shape[0] == 3 * 4
+    with rt.autocast():  # as the engine calls the loss: grad on, train mode, autocast
+        logps = reply_logps(model, batch)[0]
+        _, metrics = grpo(model, batch)
+    assert torch.equal(logps, batch["old_logps"])  # ratio exp(π − π_old) == 1 to the bit
+    assert torch.equal(batch["ref_logps"], batch["old_logps"])  # and the reference is the policy: KL 0
+    assert metrics["kl"].item() == 0 and metrics["clip_frac"].item() == 0
+
+
+def test_replies_depend_on_the_row_not_on_the_batch(tmp_path):
+    grpo, model, rows = grpo_with_model(tmp_path)
+    rt = Runtime(torch.device("cpu"), torch.float32)
+    together = grpo.rollouts.sample(model, rows, step=3, rt=rt)
+    alone = grpo.rollouts.sample(model, rows[1:2], step=3, rt=rt)
+    n = alone["reply_mask"].shape[1]
+    mine = together["input_ids"][4:8, -together["reply_mask"].shape[1]:][:, :n]
+    assert torch.equal(mine * alone["reply_mask"], alone["input_ids"][:, -n:] * alone["reply_mask"])
+    again = grpo.rollouts.sample(model, rows, step=4, rt=rt)  # another step samples anew
+    assert not torch.equal(again["input_ids"], together["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# training runs
+
+
+def test_grpo_learns_a_reachable_reward_and_not_with_the_sign_flipped(tmp_path, monkeypatch):
+    # reward: the share of the reply's characters that are ASCII letters (random weights: ~0.3 at the start)
+    monkeypatch.setitem(REWARDS, "letters", lambda r: sum(c.isascii() and c.isalpha() for c in r.text) /
+                        max(1, len(r.text)))
+    flags = ("--rewards", "letters", "--max_steps", "30", "--learning_rate", "3e-3", "--num_generations", "8",
+             "--loss_type", "grpo", "--beta", "0", "--max_gen_len", "4")
+
+    def mean_rewards() -> tuple[float, float]:
+        result = train(grpo_stage(args := parse(tiny_flags(tmp_path, *flags))), args)
+        rewards = [r["train/reward"] for r in result.history]
+        return sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+
+    start, end = mean_rewards()
+    assert end > start + 0.25, (start, end)
+    import trainer.train_grpo as grpo_module
+    real = grpo_module.group_advantages
+    monkeypatch.setattr(grpo_module, "group_advantages", lambda r, g: (-real(r, g)[0], real(r, g)[1]))
+    start_flipped, end_flipped = mean_rewards()
+    assert end_flipped < start_flipped  # a sign error unlearns: the test above would fail
+
+
+def test_resume_continues_the_same_run_sampling_included(tmp_path):
+    flags = ("--max_steps", "4", "--save_interval", "2")
+    whole = train(grpo_stage(args := parse(tiny_flags(tmp_path / "whole", *flags))), args)
+    crashed = tmp_path / "crashed"
+    stage = grpo_stage(args := parse(tiny_flags(crashed, *flags)))
+    real_loss, calls = stage.loss_fn, 0
+
+    def crash_in_step_3(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("simulated crash")
+        return real_loss(model, batch)
+    stage.loss_fn = crash_in_step_3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(stage, args)
+    resumed = train(grpo_stage(args := parse(tiny_flags(crashed, *flags, "--from_resume", "1"))), args)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    for key in ("loss", "train/reward", "train/reply_tokens"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in whole.history[2:]], key
+    wa = torch.load(tmp_path / "whole" / "out" / "grpo_32_resume.pth", weights_only=True)["model"]
+    wb = torch.load(crashed / "out" / "grpo_32_resume.pth", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def grpo_run(tmp_path: Path, launcher: list[str], batch: int) -> dict:
+    cmd = [*launcher, str(REPO_ROOT / "trainer" / "train_grpo.py"),
+           *tiny_flags(tmp_path, "--batch_size", str(batch), "--max_steps", "2", "--save_interval", "2")]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / "out" / "grpo_32_resume.pth", weights_only=True)
+
+
+def test_ddp_two_ranks_with_half_the_prompts_equal_one_process(tmp_path):
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    two = grpo_run(tmp_path / "ddp", [torchrun, "--standalone", "--nproc_per_node", "2"], batch=1)
+    one = grpo_run(tmp_path / "one", [sys.executable], batch=2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    for k, w in one["model"].items():
+        torch.testing.assert_close(two["model"][k], w, rtol=1e-4, atol=1e-6)
