@@ -181,21 +181,22 @@ def test_grpo_learns_a_reachable_reward_and_not_with_the_sign_flipped(tmp_path, 
     # reward: the share of the reply's characters that are ASCII letters (random weights: ~0.3 at the start)
     monkeypatch.setitem(REWARDS, "letters", lambda r: sum(c.isascii() and c.isalpha() for c in r.text) /
                         max(1, len(r.text)))
-    flags = ("--rewards", "letters", "--max_steps", "30", "--learning_rate", "3e-3", "--num_generations", "8",
-             "--loss_type", "grpo", "--beta", "0", "--max_gen_len", "4")
+    # one token per reply, a high lr: from random weights the policy concentrates on rewarded tokens within ~10 steps
+    flags = ("--rewards", "letters", "--max_steps", "15", "--epochs", "100", "--learning_rate", "0.1",
+             "--num_generations", "16", "--loss_type", "grpo", "--beta", "0", "--max_gen_len", "1")
 
     def mean_rewards() -> tuple[float, float]:
         result = train(grpo_stage(args := parse(tiny_flags(tmp_path, *flags))), args)
         rewards = [r["train/reward"] for r in result.history]
         return sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
 
-    start, end = mean_rewards()
-    assert end > start + 0.25, (start, end)
+    start, end = mean_rewards()  # measured: 0.36 -> 1.00
+    assert end > 0.9 and end > start + 0.3, (start, end)
     import trainer.train_grpo as grpo_module
     real = grpo_module.group_advantages
     monkeypatch.setattr(grpo_module, "group_advantages", lambda r, g: (-real(r, g)[0], real(r, g)[1]))
-    start_flipped, end_flipped = mean_rewards()
-    assert end_flipped < start_flipped  # a sign error unlearns: the test above would fail
+    start_flipped, end_flipped = mean_rewards(); print("NUMS", start, end)
+    assert end_flipped < start_flipped, (start_flipped, end_flipped)  # a sign error unlearns (measured: 0.36 -> 0.0x)
 
 
 def test_resume_continues_the_same_run_sampling_included(tmp_path):
