@@ -195,8 +195,8 @@ def test_grpo_learns_a_reachable_reward_and_not_with_the_sign_flipped(tmp_path, 
     import trainer.train_grpo as grpo_module
     real = grpo_module.group_advantages
     monkeypatch.setattr(grpo_module, "group_advantages", lambda r, g: (-real(r, g)[0], real(r, g)[1]))
-    start_flipped, end_flipped = mean_rewards(); print("NUMS", start, end)
-    assert end_flipped < start_flipped, (start_flipped, end_flipped)  # a sign error unlearns (measured: 0.36 -> 0.0x)
+    start_flipped, end_flipped = mean_rewards()
+    assert end_flipped < start_flipped, (start_flipped, end_flipped)  # a sign error unlearns (measured: 0.36 -> 0.00)
 
 
 def test_resume_continues_the_same_run_sampling_included(tmp_path):
