@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> the eight standard prompts.
-# 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> 8 个标准问题自动测试。
+# The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> GRPO -> the eight standard prompts.
+# 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> GRPO -> 8 个标准问题自动测试。
 #
 #   bash scripts/speedrun.sh                                   # no data or no GPU: demo-sized stages
 #   SHAPE="--preset minimind2" bash scripts/speedrun.sh        # the model shape, for every stage and the eval
@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=${SHAPE:-}
-for stage in pretrain full_sft lora dpo; do
+for stage in pretrain full_sft lora dpo grpo; do
     echo "=== $stage"
     python "trainer/train_${stage}.py" $SHAPE "$@"
 done
@@ -26,4 +26,4 @@ done
 echo "=== eval"
 python eval_llm.py --weight full_sft --mode auto --lora_weight None $SHAPE ${WHERE:+--out_dir "$WHERE"} \
     --max_new_tokens 256 < /dev/null
-echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; LoRA: --lora_weight identity)"
+echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; GRPO: --weight grpo; LoRA: --lora_weight identity)"

@@ -150,8 +150,9 @@ def add_rollout_args(parser: ArgumentParser, rewards: str) -> None:
 
 
 def check_rl_args(parser: ArgumentParser, args: Namespace) -> None:
-    if args.eval_size:
-        parser.error("RL stages have no held-out loss: use --eval_size 0 (evaluate with eval_llm.py)")
+    if args.eval_size:  # a note, not an error: speedrun.sh passes its flags to every stage
+        print(f"[rl] --eval_size {args.eval_size} ignored: RL stages have no held-out loss (evaluate with eval_llm.py)")
+        args.eval_size = 0
     if args.num_generations < 2:
         parser.error("--num_generations must be at least 2: a group of one has no spread to learn from")
     if args.temperature <= 0:
