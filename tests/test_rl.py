@@ -30,12 +30,14 @@ def write_prompts(path: Path, n: int = 8) -> Path:
 
 
 def tiny_flags(tmp_path: Path, *flags: str) -> list[str]:
-    """A 2-layer, 32-wide fp32 CPU GRPO run from random weights, logging every step; later flags win."""
+    """A 2-layer, 32-wide fp32 CPU GRPO run from random weights, logging every step; later flags win. Replies of 8
+    random tokens are 20 characters or not: the length reward has a spread to learn from."""
     return ["--hidden_size", "32", "--num_hidden_layers", "2", "--from_weight", "none", "--device", "cpu",
             "--dtype", "float32", "--data_path", str(write_prompts(tmp_path / "rl.jsonl")), "--out_dir",
-            str(tmp_path / "out"), "--batch_size", "2", "--num_generations", "4", "--max_gen_len", "6",
+            str(tmp_path / "out"), "--batch_size", "2", "--num_generations", "4", "--max_gen_len", "8",
             "--max_seq_len", "64", "--learning_rate", "1e-3", "--thinking_ratio", "0.5", "--log_interval", "1",
-            "--max_steps", "4", "--save_interval", "0", "--time_budget", "0", *flags]
+            "--max_steps", "4", "--epochs", "10", "--save_interval", "0", "--time_budget", "0",
+            "--rewards", "length,repetition,format", *flags]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -238,4 +240,72 @@ def test_ddp_two_ranks_with_half_the_prompts_equal_one_process(tmp_path):
     one = grpo_run(tmp_path / "one", [sys.executable], batch=2)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     for k, w in one["model"].items():
-        torch.testing.assert_close(two["model"][k], w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two["model"][k], w, rtol=1e-4, atol=1e-5)  # as the engine's DDP test
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PPO
+
+
+def test_gae_by_hand():
+    from trainer.train_ppo import gae
+
+    rewards, values = torch.tensor([[0.0, 1.0, 9.0]]), torch.tensor([[0.5, 0.8, 7.0]])
+    mask = torch.tensor([[1, 1, 0]])  # the reply ended after 2 tokens: the third entry is padding
+    adv, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # t=1: δ = 1 + 0 − 0.8 = 0.2; t=0: δ = 0 + 0.8 − 0.5 = 0.3, A = 0.3 + 0.95·0.2 = 0.49
+    torch.testing.assert_close(adv, torch.tensor([[0.49, 0.2, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.99, 1.0, 0.0]]))
+    adv, _ = gae(rewards, values, mask, gamma=0.5, lam=1.0)  # t=0: 0 + 0.5·0.8 − 0.5 + 0.5·0.2 = 0.0
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.2, 0.0]]))
+
+
+def test_clipped_value_loss_by_hand():
+    from trainer.train_ppo import clipped_value_loss
+
+    # V moved 0.5 -> 1.0 towards R = 2: the clipped V (0.7) is further from R, and max takes it: ½·1.3² = 0.845
+    loss = clipped_value_loss(torch.tensor([1.0, 0.6]), torch.tensor([0.5, 0.5]), torch.tensor([2.0, 2.0]), 0.2)
+    torch.testing.assert_close(loss, torch.tensor([0.845, 0.5 * 1.4 ** 2]))
+
+
+def ppo_flags(tmp_path: Path, *flags: str) -> list[str]:
+    return tiny_flags(tmp_path, "--save_weight", "ppo_actor", "--num_generations", "1", "--batch_size", "4",
+                      "--mini_batch_size", "2", "--critic_learning_rate", "1e-2", *flags)
+
+
+def test_ppo_first_ratio_is_one_and_the_critic_is_saved_and_resumed(tmp_path):
+    from trainer.train_ppo import PPO, ppo_stage, parse as parse_ppo
+
+    args = parse_ppo(ppo_flags(tmp_path))
+    ppo = PPO(args)
+    grpo, model, rows = grpo_with_model(tmp_path)
+    ppo.setup(model, args)
+    rt = Runtime(torch.device("cpu"), torch.bfloat16)
+    first = next(iter(ppo.rollout(model, [rows], step=0, rt=rt)))[0]
+    with rt.autocast():
+        assert torch.equal(reply_logps(model, first)[0], first["old_logps"])  # ratio exactly 1 under autocast
+        assert torch.equal(model.critic(first), first["old_values"])
+    # resume: 2 steps, crash in step 3, resume == 4 uninterrupted (critic included)
+    flags = ("--max_steps", "4", "--save_interval", "2")
+    whole = train(ppo_stage(a := parse_ppo(ppo_flags(tmp_path / "whole", *flags))), a)
+    stage = ppo_stage(a := parse_ppo(ppo_flags(tmp_path / "crashed", *flags)))
+    real_loss, calls = stage.loss_fn, 0
+
+    def crash_in_step_3(model, batch):  # 2 passes x 2 mini-batches = 4 calls a step
+        nonlocal calls
+        calls += 1
+        if calls == 9:
+            raise RuntimeError("simulated crash")
+        return real_loss(model, batch)
+    stage.loss_fn = crash_in_step_3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(stage, a)
+    resumed = train(ppo_stage(a := parse_ppo(ppo_flags(tmp_path / "crashed", *flags, "--from_resume", "1"))), a)
+    for key in ("loss", "train/value_loss", "train/reward"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in whole.history[2:]], key
+    out = tmp_path / "whole" / "out"
+    state = torch.load(out / "ppo_actor_32_resume.pth", weights_only=True)["model"]
+    assert any(k.startswith("critic.") for k in state)
+    actor, critic = (torch.load(out / f"ppo_{part}_32.pth", weights_only=True) for part in ("actor", "critic"))
+    assert not any(k.startswith("critic.") for k in actor) and "value_head.weight" in critic
+    assert whole.history[-1]["train/value_loss"] < whole.history[0]["train/value_loss"]  # the critic learns

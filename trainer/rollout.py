@@ -16,9 +16,10 @@ transformers' default dynamic cache.
 from __future__ import annotations
 
 import random
-from argparse import Namespace
+from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,10 @@ import torch
 from torch import nn
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from dataset import resolve_data_path
+from dataset.rl_dataset import RLPromptDataset
 from model.generation import chat_prompt, stop_token_ids
-from trainer.rewards import Reply, RewardFn, score
+from trainer.rewards import Reply, RewardFn, RewardModel, parse_rewards, score
 from trainer.runtime import Runtime
 from trainer.stage import Batch
 
@@ -119,7 +122,7 @@ def reward_metrics(batch: Batch) -> dict[str, torch.Tensor]:
     metrics["reward"] = rewards_total(batch).float().nanmean()
     metrics["reply_tokens"] = batch["reply_mask"].sum(-1).float().mean()
     metrics["finished"] = batch["finished"].float().mean()
-    metrics["truncated_prompts"] = batch["truncated_prompts"].float().sum()
+    metrics["prompt_truncated"] = batch["prompt_truncated"].float().mean()
     return metrics
 
 
@@ -130,6 +133,13 @@ class Rollout:
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[-1]
 
+    @classmethod
+    def from_args(cls, args: Namespace, tokenizer: Any, device: torch.device) -> Rollout:
+        """The rollout the flags describe; a --reward_model_path is loaded here, once (a bad folder: one line)."""
+        reward_model = RewardModel(args.reward_model_path, args.reward_device or device,
+                                   getattr(torch, args.reward_dtype)) if args.reward_model_path else None
+        return cls(tokenizer, RolloutSettings.from_args(args), parse_rewards(args.rewards), reward_model)
+
     def prompt_tokens(self, row: Row, step: int) -> list[int]:
         s = self.settings
         think = random.Random(reply_seed(s.seed, step, row["index"], s.num_generations)).random() < s.thinking_ratio
@@ -139,11 +149,11 @@ class Rollout:
     def sample(self, policy: nn.Module, rows: list[Row], step: int, rt: Runtime) -> Batch:
         """``num_generations`` replies to each prompt of ``rows``, scored: input_ids = left-padded prompt + reply
         (padded after its stop token), attention_mask, reply_mask (reply tokens up to and including the first stop),
-        finished, truncated_prompts, and reward/<name> per component (all [N] or [N, T], N = rows x generations, a
+        finished, prompt_truncated, and reward/<name> per component (all [N] or [N, T], N = rows x generations, a
         prompt's replies next to each other)."""
         s = self.settings
         prompts = [self.prompt_tokens(row, step) for row in rows]
-        truncated = sum(len(p) > s.max_prompt_len for p in prompts)
+        truncated = torch.tensor([len(p) > s.max_prompt_len for p in prompts]).repeat_interleave(s.num_generations)
         prompts = [p[-s.max_prompt_len:] for p in prompts]  # the end holds the question and the open assistant turn
         prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(s.num_generations)], self.pad_id)
         generators = [torch.Generator(rt.device).manual_seed(reply_seed(s.seed, step, row["index"], j))
@@ -166,6 +176,43 @@ class Rollout:
                        self.rewards, self.reward_model)
         batch = {"input_ids": torch.cat([prompt_ids, replies], 1),
                  "attention_mask": torch.cat([prompt_mask, reply_mask], 1), "reply_mask": reply_mask,
-                 "finished": finished, "truncated_prompts": torch.tensor([truncated]),
+                 "finished": finished, "prompt_truncated": truncated,
                  **{f"reward/{k}": v for k, v in scored.items()}}
         return {k: v.to(rt.device) for k, v in batch.items()}
+
+
+def rl_file(args: Namespace) -> Path:
+    return resolve_data_path(args.data_path, ["rlaif.jsonl", "rlaif-mini.jsonl"], "rl.jsonl")
+
+
+def rl_data(args: Namespace, tokenizer) -> RLPromptDataset:
+    return RLPromptDataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                           cache_dir=args.cache_dir)
+
+
+def add_rollout_args(parser: ArgumentParser, rewards: str) -> None:
+    """The flags of sampling and scoring, MiniMind's names (PPO shares them)."""
+    g = parser.add_argument_group("rollout and rewards")
+    g.add_argument("--max_gen_len", type=int, default=1024, help="new tokens per reply at most (--max_seq_len: the "
+                   "prompt's tokens at most; longer prompts keep their end and are counted)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
+    g.add_argument("--thinking_ratio", type=float, default=0.9,
+                   help="share of prompts whose reply starts inside an open <think> block")
+    g.add_argument("--rewards", default=rewards, help="comma-separated rule rewards: length, think, repetition, "
+                   "answer (rows with a gt), format (see trainer/rewards.py)")
+    g.add_argument("--reward_model_path", default=None, help="a local transformers reward model folder (one-label "
+                   "sequence classifier, or InternLM2-reward style); none by default")
+    g.add_argument("--reward_device", default=None, help="where the reward model runs (default: the policy's device)")
+    g.add_argument("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def check_rl_args(parser: ArgumentParser, args: Namespace) -> None:
+    if args.eval_size:  # a note, not an error: speedrun.sh passes its flags to every stage
+        print(f"[rl] --eval_size {args.eval_size} ignored: RL stages have no held-out loss (evaluate with eval_llm.py)")
+        args.eval_size = 0
+    if args.temperature <= 0:
+        parser.error("--temperature must be positive: RL learns from the spread of sampled replies")
+    try:
+        parse_rewards(args.rewards)
+    except ValueError as e:
+        parser.error(f"--rewards: {e}")

@@ -58,3 +58,6 @@ class Stage:
     # optimizer step made on them: GRPO samples and scores replies to the prompts and makes one step on them, PPO
     # several. None: one step on the data micro-batches as they are.
     rollout: Callable[[nn.Module, list[Any], int, Runtime], Iterable[list[Batch]]] | None = None
+    # The optimizer's parameter groups (after setup); a group's "lr_scale" multiplies the scheduled LR (PPO: the
+    # critic's own LR). None: one group of every parameter that requires grad.
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None

@@ -20,20 +20,18 @@ the bit); the reference is a frozen copy of the starting weights.
 from __future__ import annotations
 
 import copy
-from argparse import ArgumentParser, Namespace
+from argparse import Namespace
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from dataset import resolve_data_path
-from dataset.rl_dataset import RLPromptDataset, rows_collate
+from dataset.rl_dataset import rows_collate
 from model.loading import load_tokenizer
 from trainer import Stage, build_parser, parse_args, run
-from trainer.rewards import RewardModel, parse_rewards
-from trainer.rollout import Rollout, RolloutSettings, masked_mean, reply_logps, reward_metrics, rewards_total
+from trainer.rollout import (Rollout, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
+                             rewards_total, rl_data, rl_file)
 from trainer.runtime import Runtime
 from trainer.stage import Batch
 
@@ -85,10 +83,7 @@ class GRPO:
         # after --from_weight and before --from_resume: the reference is the starting model even when a run resumes
         self.policy = model
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        reward_model = RewardModel(args.reward_model_path, args.reward_device or next(model.parameters()).device,
-                                   getattr(torch, args.reward_dtype)) if args.reward_model_path else None
-        self.rollouts = Rollout(load_tokenizer(), RolloutSettings.from_args(args), parse_rewards(args.rewards),
-                                reward_model)
+        self.rollouts = Rollout.from_args(args, load_tokenizer(), next(model.parameters()).device)
 
     def rollout(self, model: nn.Module, rows: list[list[dict[str, Any]]], step: int, rt: Runtime) \
             -> Iterator[list[Batch]]:
@@ -124,45 +119,6 @@ class GRPO:
         return float(len(batch["reply_mask"]) if self.per_sequence else batch["reply_mask"].sum())
 
 
-def rl_file(args: Namespace) -> Path:
-    return resolve_data_path(args.data_path, ["rlaif.jsonl", "rlaif-mini.jsonl"], "rl.jsonl")
-
-
-def rl_data(args: Namespace, tokenizer) -> RLPromptDataset:
-    return RLPromptDataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
-                           cache_dir=args.cache_dir)
-
-
-def add_rollout_args(parser: ArgumentParser, rewards: str) -> None:
-    """The flags of sampling and scoring, MiniMind's names (PPO shares them)."""
-    g = parser.add_argument_group("rollout and rewards")
-    g.add_argument("--max_gen_len", type=int, default=1024, help="new tokens per reply at most (--max_seq_len: the "
-                   "prompt's tokens at most; longer prompts keep their end and are counted)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
-    g.add_argument("--thinking_ratio", type=float, default=0.9,
-                   help="share of prompts whose reply starts inside an open <think> block")
-    g.add_argument("--rewards", default=rewards, help="comma-separated rule rewards: length, think, repetition, "
-                   "answer (rows with a gt), format (see trainer/rewards.py)")
-    g.add_argument("--reward_model_path", default=None, help="a local transformers reward model folder (one-label "
-                   "sequence classifier, or InternLM2-reward style); none by default")
-    g.add_argument("--reward_device", default=None, help="where the reward model runs (default: the policy's device)")
-    g.add_argument("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-
-
-def check_rl_args(parser: ArgumentParser, args: Namespace) -> None:
-    if args.eval_size:  # a note, not an error: speedrun.sh passes its flags to every stage
-        print(f"[rl] --eval_size {args.eval_size} ignored: RL stages have no held-out loss (evaluate with eval_llm.py)")
-        args.eval_size = 0
-    if args.num_generations < 2:
-        parser.error("--num_generations must be at least 2: a group of one has no spread to learn from")
-    if args.temperature <= 0:
-        parser.error("--temperature must be positive: GRPO learns from the spread of sampled replies")
-    try:
-        parse_rewards(args.rewards)
-    except ValueError as e:
-        parser.error(f"--rewards: {e}")
-
-
 def parse(argv: list[str] | None = None) -> Namespace:
     parser = build_parser(__doc__, epochs=1, batch_size=2, learning_rate=3e-7, max_seq_len=768, save_interval=10,
                           log_interval=1, eval_size=0, from_weight="full_sft", save_weight="grpo",
@@ -183,6 +139,8 @@ def parse(argv: list[str] | None = None) -> Namespace:
                                                        max_steps=100, time_budget=540, log_interval=5,
                                                        save_interval=50, rewards="length,repetition,format"))
     check_rl_args(parser, args)
+    if args.num_generations < 2:
+        parser.error("--num_generations must be at least 2: a group of one has no spread to learn from")
     return args
 
 
