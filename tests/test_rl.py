@@ -226,18 +226,25 @@ def test_resume_continues_the_same_run_sampling_included(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def grpo_run(tmp_path: Path, launcher: list[str], batch: int) -> dict:
-    cmd = [*launcher, str(REPO_ROOT / "trainer" / "train_grpo.py"),
-           *tiny_flags(tmp_path, "--batch_size", str(batch), "--max_steps", "2", "--save_interval", "2")]
+def script_run(tmp_path: Path, launcher: list[str], script: str, *flags: str) -> dict:
+    cmd = [*launcher, str(REPO_ROOT / "trainer" / script), *tiny_flags(tmp_path, "--max_steps", "2", *flags)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out" / "grpo_32_resume.pth", weights_only=True)
+    return torch.load(next((tmp_path / "out").glob("*_resume.pth")), weights_only=True)
 
 
-def test_ddp_two_ranks_with_half_the_prompts_equal_one_process(tmp_path):
+@pytest.mark.parametrize("script, one_flags, rank_flags", [
+    ("train_grpo.py", ["--batch_size", "2"], ["--batch_size", "1"]),
+    # PPO: 4 prompts in mini-batches of 2 = 2 ranks of 2 prompts in mini-batches of 1 (rank r holds rows r, r+2)
+    ("train_ppo.py", ["--batch_size", "4", "--mini_batch_size", "2"], ["--batch_size", "2", "--mini_batch_size", "1"]),
+])
+def test_ddp_two_ranks_with_half_the_prompts_equal_one_process(tmp_path, script, one_flags, rank_flags):
+    common = ["--save_interval", "2"] + (["--save_weight", "ppo_actor", "--num_generations", "1",
+                                          "--critic_learning_rate", "1e-2"] if "ppo" in script else [])
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    two = grpo_run(tmp_path / "ddp", [torchrun, "--standalone", "--nproc_per_node", "2"], batch=1)
-    one = grpo_run(tmp_path / "one", [sys.executable], batch=2)
+    two = script_run(tmp_path / "ddp", [torchrun, "--standalone", "--nproc_per_node", "2"], script, *common,
+                     *rank_flags)
+    one = script_run(tmp_path / "one", [sys.executable], script, *common, *one_flags)
     assert (one["world_size"], two["world_size"]) == (1, 2)
     for k, w in one["model"].items():
         torch.testing.assert_close(two["model"][k], w, rtol=1e-4, atol=1e-5)  # as the engine's DDP test
