@@ -316,3 +316,59 @@ def test_ppo_first_ratio_is_one_and_the_critic_is_saved_and_resumed(tmp_path):
     actor, critic = (torch.load(out / f"ppo_{part}_32.pth", weights_only=True) for part in ("actor", "critic"))
     assert not any(k.startswith("critic.") for k in actor) and "value_head.weight" in critic
     assert whole.history[-1]["train/value_loss"] < whole.history[0]["train/value_loss"]  # the critic learns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reward model, bad input
+
+
+def tiny_reward_model(folder: Path, num_labels: int = 1) -> Path:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_local_reward_model_scores_each_reply(tmp_path):
+    from trainer.rewards import RewardModel
+
+    model = RewardModel(str(tiny_reward_model(tmp_path / "rm")), clip=3.0)
+    row = {"messages": [{"role": "user", "content": "hi"}]}
+    scores = model([Reply("hello there", True, row), Reply("完全不同的回答", True, row), Reply("hello there", True, row)])
+    assert all(abs(s) <= 3.0 for s in scores) and scores[0] == pytest.approx(scores[2]) and scores[0] != scores[1]
+    grpo, policy, rows = grpo_with_model(tmp_path, "--reward_model_path", str(tmp_path / "rm"))
+    batch = grpo.rollouts.sample(policy, rows, step=0, rt=Runtime(torch.device("cpu"), torch.float32))
+    assert batch["reward/reward_model"].shape == (12,) and torch.isfinite(batch["reward/reward_model"]).all()
+
+
+def test_a_bad_reward_model_folder_is_one_clear_line(tmp_path):
+    from trainer.rewards import RewardModel
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        RewardModel(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="3 labels"):
+        RewardModel(str(tiny_reward_model(tmp_path / "cls", num_labels=3)))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(FileNotFoundError, match="cannot load a reward model"):
+        RewardModel(str(tmp_path / "broken"))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "trainer" / "train_grpo.py"),
+                           *tiny_flags(tmp_path, "--reward_model_path", str(tmp_path / "broken"))],
+                          cwd=REPO_ROOT, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "cannot load a reward model" in proc.stderr
+
+
+def test_a_nan_reward_is_counted_and_a_long_prompt_keeps_its_end(tmp_path, monkeypatch):
+    monkeypatch.setitem(REWARDS, "sometimes_nan", lambda r: float("nan") if len(r.text) % 2 else 1.0)
+    grpo, model, rows = grpo_with_model(tmp_path, "--rewards", "length,sometimes_nan", "--max_seq_len", "12")
+    [[batch]] = list(grpo.rollout(model, [rows], step=0, rt=Runtime(torch.device("cpu"), torch.float32)))
+    assert batch["reward_skipped"] > 0 and torch.isfinite(batch["advantages"]).all()
+    assert batch["prompt_truncated"].all()  # every prompt is over 12 tokens: cut to its last 12, counted
+    assert (batch["attention_mask"].sum(-1) - batch["reply_mask"].sum(-1) == 12).all()
+    loss, metrics = grpo(model, batch)
+    assert torch.isfinite(loss) and metrics["prompt_truncated"] == 1
