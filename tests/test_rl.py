@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.loading import REPO_ROOT, load_tokenizer
-from trainer import Stage, train
+from trainer import train
 from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
 from trainer.rollout import masked_mean, reply_logps, up_to_first_stop
 from trainer.runtime import Runtime
@@ -221,6 +221,8 @@ def test_resume_continues_the_same_run_sampling_included(tmp_path):
     assert [r["step"] for r in resumed.history] == [3, 4]
     for key in ("loss", "train/reward", "train/reply_tokens"):
         assert [r[key] for r in resumed.history] == [r[key] for r in whole.history[2:]], key
+    rewards_log = "out/grpo_32_rewards.jsonl"  # the crashed step's line is replaced by the resumed run's
+    assert (crashed / rewards_log).read_text() == (tmp_path / "whole" / rewards_log).read_text()
     wa = torch.load(tmp_path / "whole" / "out" / "grpo_32_resume.pth", weights_only=True)["model"]
     wb = torch.load(crashed / "out" / "grpo_32_resume.pth", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -372,3 +374,16 @@ def test_a_nan_reward_is_counted_and_a_long_prompt_keeps_its_end(tmp_path, monke
     assert (batch["attention_mask"].sum(-1) - batch["reply_mask"].sum(-1) == 12).all()
     loss, metrics = grpo(model, batch)
     assert torch.isfinite(loss) and metrics["prompt_truncated"] == 1
+
+
+def test_the_reward_curve_plots_from_the_log(tmp_path):
+    from scripts.plot_rewards import main as plot_main, moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    log = tmp_path / "grpo_32_rewards.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "reward": s / 10, "reward/length": s / 20}) + "\n" for s in range(1, 6)))
+    plot_main([str(log), "--smooth", "2"])
+    assert (tmp_path / "grpo_32_rewards.png").stat().st_size > 1000
+    log.write_text("{oops\n")
+    with pytest.raises(SystemExit, match="grpo_32_rewards.jsonl:1 is not a JSON line"):
+        plot_main([str(log)])

@@ -15,6 +15,8 @@ transformers' default dynamic cache.
 
 from __future__ import annotations
 
+import copy
+import json
 import random
 from argparse import ArgumentParser, Namespace
 from collections.abc import Callable
@@ -30,9 +32,10 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from dataset import resolve_data_path
 from dataset.rl_dataset import RLPromptDataset
 from model.generation import chat_prompt, stop_token_ids
+from model.loading import load_tokenizer
 from trainer.rewards import Reply, RewardFn, RewardModel, parse_rewards, score
-from trainer.runtime import Runtime
-from trainer.stage import Batch
+from trainer.runtime import Runtime, all_ranks
+from trainer.stage import Batch, stage_weights_path
 
 Row = dict[str, Any]  # a prompt row of dataset.rl_dataset: index, messages, tools, gt
 
@@ -126,6 +129,33 @@ def reward_metrics(batch: Batch) -> dict[str, torch.Tensor]:
     return metrics
 
 
+class RewardLog:
+    """One line per step, rank 0 writing: the step's mean reward and each component over all ranks, in a jsonl file
+    beside the weights (``out/grpo_512_rewards.jsonl``) that scripts/plot_rewards.py draws. A resumed run drops the
+    lines from its resume step on, then appends: the file tells one run's story."""
+
+    def __init__(self, path: Path):
+        self.path, self.started = path, False
+
+    def write(self, step: int, batches: list[Batch], rt: Runtime) -> None:
+        names = sorted(k for k in batches[0] if k.startswith("reward/"))
+        totals = [torch.nan_to_num(rewards_total(b).float()) for b in batches]
+        values = [sum(t.sum() for t in totals), sum(len(t) for t in totals)]
+        values += [sum(b[k].float().nan_to_num().sum() for b in batches) for k in names]
+        sums = all_ranks(rt, torch.tensor([float(v) for v in values], device=rt.device)).tolist()
+        if not rt.is_main:
+            return
+        if not self.started:  # this run's first line: keep earlier steps' lines only (those of a resumed run)
+            lines = self.path.read_text().splitlines() if self.path.is_file() else []
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
+            self.started = True
+        record = {"step": step + 1, "reward": sums[0] / sums[1],
+                  **{k: v / sums[1] for k, v in zip(names, sums[2:])}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 class Rollout:
     def __init__(self, tokenizer: Any, settings: RolloutSettings, rewards: dict[str, RewardFn],
                  reward_model: Callable[[list[Reply]], list[float]] | None = None):
@@ -179,6 +209,26 @@ class Rollout:
                  "finished": finished, "prompt_truncated": truncated,
                  **{f"reward/{k}": v for k, v in scored.items()}}
         return {k: v.to(rt.device) for k, v in batch.items()}
+
+
+class RLStage:
+    """What the RL stages share: the policy (trained in place), its frozen reference, the rollout and the reward log,
+    made in ``setup``: after --from_weight and before --from_resume, so the reference is the starting model even when
+    a run resumes."""
+
+    def __init__(self, args: Namespace):
+        self.args = args
+        self.policy: nn.Module | None = None  # the plain module, for sampling
+        self.reference: nn.Module | None = None
+        self.rollouts: Rollout | None = None
+        self.reward_log: RewardLog | None = None
+
+    def setup(self, model: nn.Module, args: Namespace) -> None:
+        self.policy = model
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.rollouts = Rollout.from_args(args, load_tokenizer(), next(model.parameters()).device)
+        weights = stage_weights_path(args, model.config)
+        self.reward_log = RewardLog(weights.with_name(f"{weights.stem}_rewards.jsonl"))
 
 
 def rl_file(args: Namespace) -> Path:

@@ -19,7 +19,6 @@ the bit); the reference is a frozen copy of the starting weights.
 
 from __future__ import annotations
 
-import copy
 from argparse import Namespace
 from collections.abc import Iterator
 from typing import Any
@@ -28,9 +27,8 @@ import torch
 from torch import nn
 
 from dataset.rl_dataset import rows_collate
-from model.loading import load_tokenizer
 from trainer import Stage, build_parser, parse_args, run
-from trainer.rollout import (Rollout, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
+from trainer.rollout import (RLStage, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
                              rewards_total, rl_data, rl_file)
 from trainer.runtime import Runtime
 from trainer.stage import Batch
@@ -69,21 +67,12 @@ def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: tor
     return -(policy - beta * kl), ratio, kl
 
 
-class GRPO:
-    """The stage's state: the reference (a frozen copy made in ``setup``), the rollout, the loss settings."""
+class GRPO(RLStage):
+    """The stage: RLStage's policy, reference and rollout, and the GRPO / CISPO loss."""
 
     def __init__(self, args: Namespace):
-        self.args = args
+        super().__init__(args)
         self.per_sequence = args.loss_agg == "sequence"
-        self.reference: nn.Module | None = None
-        self.policy: nn.Module | None = None
-        self.rollouts: Rollout | None = None
-
-    def setup(self, model: nn.Module, args: Namespace) -> None:
-        # after --from_weight and before --from_resume: the reference is the starting model even when a run resumes
-        self.policy = model
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        self.rollouts = Rollout.from_args(args, load_tokenizer(), next(model.parameters()).device)
 
     def rollout(self, model: nn.Module, rows: list[list[dict[str, Any]]], step: int, rt: Runtime) \
             -> Iterator[list[Batch]]:
@@ -97,6 +86,7 @@ class GRPO:
                 batch["old_logps"] = reply_logps(model, batch, self.args.temperature)[0]
                 batch["ref_logps"] = reply_logps(self.reference, batch, self.args.temperature)[0]
             batches.append(batch)
+        self.reward_log.write(step, batches, rt)
         yield batches
 
     def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -32,9 +32,9 @@ from torch import nn
 
 from dataset.rl_dataset import rows_collate
 from model import MiniMindForCausalLM
-from model.loading import load_tokenizer, save_weights
+from model.loading import save_weights
 from trainer import Stage, build_parser, parse_args, run
-from trainer.rollout import (Rollout, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
+from trainer.rollout import (RLStage, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
                              rewards_total, rl_data, rl_file)
 from trainer.runtime import Runtime, all_ranks, any_rank
 from trainer.stage import Batch
@@ -95,22 +95,16 @@ def take(batch: Batch, start: int, size: int) -> Batch:
     return {k: v[start:start + size] for k, v in batch.items()}
 
 
-class PPO:
-    """The stage's state: the reference (a frozen copy), the critic (a submodule of the policy), the rollout."""
+class PPO(RLStage):
+    """The stage: RLStage's policy, reference and rollout, the critic (a submodule of the policy), the PPO losses."""
 
     def __init__(self, args: Namespace):
-        self.args = args
-        self.policy: nn.Module | None = None
-        self.reference: nn.Module | None = None
-        self.rollouts: Rollout | None = None
+        super().__init__(args)
         self.approx_kl = torch.zeros(())  # of the last mini-batch: for the early stop
 
     def setup(self, model: nn.Module, args: Namespace) -> None:
-        # after --from_weight and before --from_resume (which restores the critic with the policy)
-        self.policy = model
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        model.critic = Critic(model).to(next(model.parameters()).device)
-        self.rollouts = Rollout.from_args(args, load_tokenizer(), next(model.parameters()).device)
+        super().setup(model, args)  # the reference is copied before the critic joins
+        model.critic = Critic(model).to(next(model.parameters()).device)  # resumed with the policy
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         critic = {id(p) for p in model.critic.parameters()}
@@ -141,6 +135,7 @@ class PPO:
             -> Iterator[list[Batch]]:
         """--ppo_update_iters passes over the step's replies, one optimizer step per mini-batch."""
         batches = [self.score(model, prompts, step, rt) for prompts in rows]
+        self.reward_log.write(step, batches, rt)
         # whitened over all of the step's replies, on all ranks
         joined = whiten(torch.cat([b["advantages"].flatten() for b in batches]),
                         torch.cat([b["reply_mask"].flatten() for b in batches]), rt)
