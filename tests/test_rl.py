@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.loading import REPO_ROOT, load_tokenizer
-from trainer import train
+from trainer import Stage, train
 from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
 from trainer.rollout import masked_mean, reply_logps, up_to_first_stop
 from trainer.runtime import Runtime
@@ -201,20 +201,25 @@ def test_grpo_learns_a_reachable_reward_and_not_with_the_sign_flipped(tmp_path, 
     assert end_flipped < start_flipped, (start_flipped, end_flipped)  # a sign error unlearns (measured: 0.36 -> 0.00)
 
 
+def crash_at_call(stage: Stage, n: int) -> None:
+    """Make the stage's loss raise at its n-th call."""
+    real_loss, calls = stage.loss_fn, 0
+
+    def crashing_loss(model, batch):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise RuntimeError("simulated crash")
+        return real_loss(model, batch)
+    stage.loss_fn = crashing_loss
+
+
 def test_resume_continues_the_same_run_sampling_included(tmp_path):
     flags = ("--max_steps", "4", "--save_interval", "2")
     whole = train(grpo_stage(args := parse(tiny_flags(tmp_path / "whole", *flags))), args)
     crashed = tmp_path / "crashed"
     stage = grpo_stage(args := parse(tiny_flags(crashed, *flags)))
-    real_loss, calls = stage.loss_fn, 0
-
-    def crash_in_step_3(model, batch):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("simulated crash")
-        return real_loss(model, batch)
-    stage.loss_fn = crash_in_step_3
+    crash_at_call(stage, 3)  # in step 3, after the save at step 2
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(stage, args)
     resumed = train(grpo_stage(args := parse(tiny_flags(crashed, *flags, "--from_resume", "1"))), args)
@@ -298,15 +303,7 @@ def test_ppo_first_ratio_is_one_and_the_critic_is_saved_and_resumed(tmp_path):
     flags = ("--max_steps", "4", "--save_interval", "2")
     whole = train(ppo_stage(a := parse_ppo(ppo_flags(tmp_path / "whole", *flags))), a)
     stage = ppo_stage(a := parse_ppo(ppo_flags(tmp_path / "crashed", *flags)))
-    real_loss, calls = stage.loss_fn, 0
-
-    def crash_in_step_3(model, batch):  # 2 passes x 2 mini-batches = 4 calls a step
-        nonlocal calls
-        calls += 1
-        if calls == 9:
-            raise RuntimeError("simulated crash")
-        return real_loss(model, batch)
-    stage.loss_fn = crash_in_step_3
+    crash_at_call(stage, 9)  # in step 3: 2 passes x 2 mini-batches = 4 loss calls a step
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(stage, a)
     resumed = train(ppo_stage(a := parse_ppo(ppo_flags(tmp_path / "crashed", *flags, "--from_resume", "1"))), a)

@@ -33,6 +33,7 @@ from dataset import resolve_data_path
 from dataset.rl_dataset import RLPromptDataset
 from model.generation import chat_prompt, stop_token_ids
 from model.loading import load_tokenizer
+from trainer.args import build_parser
 from trainer.rewards import Reply, RewardFn, RewardModel, parse_rewards, score
 from trainer.runtime import Runtime, all_ranks
 from trainer.stage import Batch, stage_weights_path
@@ -240,20 +241,25 @@ def rl_data(args: Namespace, tokenizer) -> RLPromptDataset:
                            cache_dir=args.cache_dir)
 
 
-def add_rollout_args(parser: ArgumentParser, rewards: str) -> None:
-    """The flags of sampling and scoring, MiniMind's names (PPO shares them)."""
+def rl_parser(description: str, save_weight: str, project: str, num_generations: int) -> ArgumentParser:
+    """The shared flags with MiniMind's RL defaults, and those of sampling and scoring (MiniMind's names)."""
+    parser = build_parser(description, epochs=1, batch_size=2, learning_rate=3e-7, max_seq_len=768, save_interval=10,
+                          log_interval=1, eval_size=0, from_weight="full_sft", save_weight=save_weight,
+                          wandb_project=project)
     g = parser.add_argument_group("rollout and rewards")
+    g.add_argument("--num_generations", type=int, default=num_generations, help="replies sampled per prompt")
     g.add_argument("--max_gen_len", type=int, default=1024, help="new tokens per reply at most (--max_seq_len: the "
                    "prompt's tokens at most; longer prompts keep their end and are counted)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
     g.add_argument("--thinking_ratio", type=float, default=0.9,
                    help="share of prompts whose reply starts inside an open <think> block")
-    g.add_argument("--rewards", default=rewards, help="comma-separated rule rewards: length, think, repetition, "
+    g.add_argument("--rewards", default="length,think,repetition,answer", help="comma-separated rule rewards: length, think, repetition, "
                    "answer (rows with a gt), format (see trainer/rewards.py)")
     g.add_argument("--reward_model_path", default=None, help="a local transformers reward model folder (one-label "
                    "sequence classifier, or InternLM2-reward style); none by default")
     g.add_argument("--reward_device", default=None, help="where the reward model runs (default: the policy's device)")
     g.add_argument("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return parser
 
 
 def check_rl_args(parser: ArgumentParser, args: Namespace) -> None:

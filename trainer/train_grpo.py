@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from dataset.rl_dataset import rows_collate
-from trainer import Stage, build_parser, parse_args, run
-from trainer.rollout import (RLStage, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
-                             rewards_total, rl_data, rl_file)
+from trainer import Stage, parse_args, run
+from trainer.rollout import (RLStage, check_rl_args, masked_mean, reply_logps, reward_metrics,
+                             rewards_total, rl_data, rl_file, rl_parser)
 from trainer.runtime import Runtime
 from trainer.stage import Batch
 
@@ -110,10 +110,7 @@ class GRPO(RLStage):
 
 
 def parse(argv: list[str] | None = None) -> Namespace:
-    parser = build_parser(__doc__, epochs=1, batch_size=2, learning_rate=3e-7, max_seq_len=768, save_interval=10,
-                          log_interval=1, eval_size=0, from_weight="full_sft", save_weight="grpo",
-                          wandb_project="MiniMind-GRPO")
-    parser.add_argument("--num_generations", type=int, default=6, help="replies sampled per prompt (a group)")
+    parser = rl_parser(__doc__, "grpo", "MiniMind-GRPO", num_generations=6)  # a group of 6 replies per prompt
     parser.add_argument("--beta", type=float, default=0.1, help="weight of the k3 KL to the reference")
     parser.add_argument("--loss_type", default="cispo", choices=["cispo", "grpo"])
     parser.add_argument("--epsilon", type=float, default=0.2, help="GRPO: clip the ratio to [1-ε, 1+ε]")
@@ -121,7 +118,6 @@ def parse(argv: list[str] | None = None) -> Namespace:
     parser.add_argument("--loss_agg", default="sequence", choices=["sequence", "token"],
                         help="sequence: mean over each reply's tokens, then over replies (MiniMind); token: one mean "
                              "over all reply tokens (DAPO / Dr. GRPO)")
-    add_rollout_args(parser, rewards="length,think,repetition,answer")
     # The demo: a short reply window on CPU; lr far above MiniMind's 3e-7 (tuned for its long runs), so a reward the
     # demo SFT model can reach moves within ~100 steps.
     args = parse_args(parser, argv, rl_file, demo=dict(batch_size=2, num_generations=6, max_gen_len=48,

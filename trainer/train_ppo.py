@@ -33,9 +33,9 @@ from torch import nn
 from dataset.rl_dataset import rows_collate
 from model import MiniMindForCausalLM
 from model.loading import save_weights
-from trainer import Stage, build_parser, parse_args, run
-from trainer.rollout import (RLStage, add_rollout_args, check_rl_args, masked_mean, reply_logps, reward_metrics,
-                             rewards_total, rl_data, rl_file)
+from trainer import Stage, parse_args, run
+from trainer.rollout import (RLStage, check_rl_args, masked_mean, reply_logps, reward_metrics,
+                             rewards_total, rl_data, rl_file, rl_parser)
 from trainer.runtime import Runtime, all_ranks, any_rank
 from trainer.stage import Batch
 
@@ -186,10 +186,7 @@ def save_actor_and_critic(model: nn.Module, path: Path) -> None:
 
 
 def parse(argv: list[str] | None = None) -> Namespace:
-    parser = build_parser(__doc__, epochs=1, batch_size=2, learning_rate=3e-7, max_seq_len=768, save_interval=10,
-                          log_interval=1, eval_size=0, from_weight="full_sft", save_weight="ppo_actor",
-                          wandb_project="MiniMind-PPO")
-    parser.add_argument("--num_generations", type=int, default=1, help="replies sampled per prompt")
+    parser = rl_parser(__doc__, "ppo_actor", "MiniMind-PPO", num_generations=1)  # the critic is the baseline
     parser.add_argument("--clip_epsilon", type=float, default=0.2, help="clip the ratio to [1-ε, 1+ε]")
     parser.add_argument("--vf_coef", type=float, default=0.5, help="weight of the value loss")
     parser.add_argument("--kl_coef", type=float, default=0.02, help="per-token KL penalty in the reward")
@@ -201,7 +198,6 @@ def parse(argv: list[str] | None = None) -> Namespace:
     parser.add_argument("--critic_learning_rate", type=float, default=5e-7, help="the critic's peak LR")
     parser.add_argument("--mini_batch_size", type=int, default=0,
                         help="replies per optimizer step, per micro-batch (0: all of them)")
-    add_rollout_args(parser, rewards="length,think,repetition,answer")
     args = parse_args(parser, argv, rl_file, demo=dict(batch_size=4, max_gen_len=48, max_seq_len=128,
                                                        learning_rate=1e-5, critic_learning_rate=1e-4,
                                                        thinking_ratio=0.0, max_steps=60, time_budget=540,
