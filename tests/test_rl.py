@@ -226,6 +226,8 @@ def test_resume_continues_the_same_run_sampling_included(tmp_path):
     assert [r["step"] for r in resumed.history] == [3, 4]
     for key in ("loss", "train/reward", "train/reply_tokens"):
         assert [r[key] for r in resumed.history] == [r[key] for r in whole.history[2:]], key
+    from model.loading import load_model
+    load_model("grpo", hidden_size=32, num_hidden_layers=2, directory=crashed / "out")  # eval_llm.py --weight grpo
     rewards_log = "out/grpo_32_rewards.jsonl"  # the crashed step's line is replaced by the resumed run's
     assert (crashed / rewards_log).read_text() == (tmp_path / "whole" / rewards_log).read_text()
     wa = torch.load(tmp_path / "whole" / "out" / "grpo_32_resume.pth", weights_only=True)["model"]
@@ -314,6 +316,8 @@ def test_ppo_first_ratio_is_one_and_the_critic_is_saved_and_resumed(tmp_path):
     assert any(k.startswith("critic.") for k in state)
     actor, critic = (torch.load(out / f"ppo_{part}_32.pth", weights_only=True) for part in ("actor", "critic"))
     assert not any(k.startswith("critic.") for k in actor) and "value_head.weight" in critic
+    from model.loading import load_model
+    load_model("ppo_actor", hidden_size=32, num_hidden_layers=2, directory=out)  # eval_llm.py --weight ppo_actor
     assert whole.history[-1]["train/value_loss"] < whole.history[0]["train/value_loss"]  # the critic learns
 
 
@@ -371,6 +375,16 @@ def test_a_nan_reward_is_counted_and_a_long_prompt_keeps_its_end(tmp_path, monke
     assert (batch["attention_mask"].sum(-1) - batch["reply_mask"].sum(-1) == 12).all()
     loss, metrics = grpo(model, batch)
     assert torch.isfinite(loss) and metrics["prompt_truncated"] == 1
+
+
+def test_eval_llm_names_the_rl_scripts_for_a_missing_checkpoint(tmp_path):
+    import runpy
+
+    main = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))["main"]
+    for stage, script in (("grpo", "train_grpo.py"), ("ppo_actor", "train_ppo.py")):
+        with pytest.raises(SystemExit) as exit:
+            main(["--weight", stage, "--out_dir", str(tmp_path)])
+        assert f"python trainer/{script}" in str(exit.value.code)
 
 
 def test_the_reward_curve_plots_from_the_log(tmp_path):
