@@ -158,6 +158,8 @@ class RewardLog:
 
 
 class Rollout:
+    """Prompt rows -> sampled, scored replies as tensors (``sample``), with the flags' settings and rewards."""
+
     def __init__(self, tokenizer: Any, settings: RolloutSettings, rewards: dict[str, RewardFn],
                  reward_model: Callable[[list[Reply]], list[float]] | None = None):
         self.tokenizer, self.settings, self.rewards, self.reward_model = tokenizer, settings, rewards, reward_model
