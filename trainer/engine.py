@@ -117,7 +117,8 @@ def train(stage: Stage, args: Namespace) -> Result:
                       args.max_steps)
 
     params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=rt.device.type == "cuda")
+    optimizer = torch.optim.AdamW(stage.param_groups(raw) if stage.param_groups else params, lr=args.learning_rate,
+                                  fused=rt.device.type == "cuda")
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 only: bf16 needs none
     checkpoints = Checkpointer(stage.name, stage.save_weights, weights_file, raw, optimizer, scaler, plan, args, rt)
     step = 0
@@ -156,14 +157,15 @@ def train(stage: Stage, args: Namespace) -> Result:
         while step < plan.total:
             lr = lr_at(step, plan.total, args.learning_rate, args.warmup_iters)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             try:
                 micro_batches = list(next(batches))
             except DataError as e:
                 raise checkpoints.stop_on_bad_row(e, step, progress.went_bad()) from None
-            accumulate(model, stage, micro_batches, scaler, progress, rt)
-            grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
-            progress.end_step(step, None if scaler.is_enabled() else grad_norm)
+            for step_batch in stage.rollout(model, micro_batches, step, rt) if stage.rollout else [micro_batches]:
+                accumulate(model, stage, step_batch, scaler, progress, rt)
+                grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
+                progress.end_step(step, None if scaler.is_enabled() else grad_norm)
             step += 1
             bar.update()
 
