@@ -1,6 +1,7 @@
 """Stage 3a, LoRA: train a small low-rank update beside each frozen weight of the full-SFT model, on chat data.
 
     python trainer/train_lora.py --lora_name identity        # after train_full_sft.py; no data or no GPU: demo-sized
+    python trainer/train_lora.py --lora_name identity --lora_type dora                       # DoRA instead of LoRA
     python trainer/train_lora.py --lora_name medical --data_path dataset/lora_medical.jsonl   # GPU: MiniMind's recipe
     torchrun --nproc_per_node 2 trainer/train_lora.py --lora_name identity                   # DDP
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from dataset import SFTDataset, lm_dataset, resolve_data_path
 from model import MiniMindConfig
-from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_summary, save_lora
+from model.model_lora import DEFAULT_TARGETS, LAYER_TYPES, apply_lora, lora_path, lora_summary, save_lora
 from trainer import Stage, build_parser, parse_args, run
 
 
@@ -45,7 +46,7 @@ def lora_data(args: Namespace, tokenizer) -> SFTDataset:
 def add_lora(model: nn.Module, args: Namespace) -> None:
     """Wrap the target layers and freeze everything else: the engine's optimizer then holds the LoRA matrices only."""
     targets = "square" if args.lora_targets == ["square"] else args.lora_targets
-    wrapped = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+    wrapped = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, lora_type=args.lora_type)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{lora_summary(model)}: rank {args.lora_rank} on {len(wrapped)} layers", flush=True)
 
@@ -64,6 +65,9 @@ def parse(argv: list[str] | None = None) -> Namespace:
     lora.add_argument("--lora_name", default=DEFAULT_NAME,
                       help="the adapter's name: out/lora/lora_<name>_<hidden>.pth; without --data_path it trains on "
                       "dataset/lora_<name>.jsonl (identity: the bundled demo set if that file is missing)")
+    lora.add_argument("--lora_type", default="lora", choices=list(LAYER_TYPES),
+                      help="dora: DoRA (Liu et al. 2024), a trainable magnitude per output feature besides A and B; "
+                      "the file records the type, so loading and merging need no flag")
     lora.add_argument("--lora_rank", type=int, default=16)
     lora.add_argument("--lora_alpha", type=float, default=None,
                       help="the update is scaled by alpha/rank (default: alpha = rank, unscaled as in MiniMind)")
