@@ -463,6 +463,22 @@ def _messages(turns: Any, where: str) -> tuple[list[dict], list | None]:
     return messages, tools
 
 
+LOSS_TURNS = ("all", "last")  # which assistant turns of a conversation are supervised
+
+
+def final_reply_turns(messages: list[dict]) -> int:
+    """How many assistant messages make up the conversation's final reply: the last assistant message and those
+    before it back to the last user message (a tool call, the tool's result, the answer: one reply). Tool results
+    are context, never supervised, so only the assistant messages are counted."""
+    count = 0
+    for message in reversed(messages):
+        if message["role"] == "assistant":
+            count += 1
+        elif message["role"] != "tool" and count:  # a user or system turn ends the final reply
+            break
+    return count
+
+
 class _ChatRows(Dataset):
     """Lazy access to the rows of a chat jsonl file, and the chat template rendering with assistant-only labels.
 
@@ -470,15 +486,20 @@ class _ChatRows(Dataset):
     `<|im_end|>` (reasoning and tool calls included: they are inside the turn); the "\\n" after it is template
     glue that generation never produces, so it is not. System, user and tool turns are never supervised.
 
+    `loss_turns="last"` supervises the final reply only (`final_reply_turns`: its thinking and tool calls included);
+    earlier assistant turns become context like the user's.
+
     Rows longer than `max_seq_len` tokens are cut. With `skip_bad_lines` a bad row is logged and replaced by the
     next good one instead of raising DataError. The line index is cached in `cache_dir` (default
-    `<data dir>/.cache/`).
+    `<data dir>/.cache/`); tokens and labels are not (rows are encoded as they are read).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, loss_turns: str = "all"):
+        if loss_turns not in LOSS_TURNS:
+            raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, got {loss_turns!r}")
         self.path, self.tokenizer, self.max_seq_len = Path(path), tokenizer, max_seq_len
-        self.skip_bad_lines, self.skipped = skip_bad_lines, 0
+        self.skip_bad_lines, self.skipped, self.loss_turns = skip_bad_lines, 0, loss_turns
         if not self.path.is_file():
             raise FileNotFoundError(f"data file not found: {self.path.resolve()}. Download it with: "
                                     + DOWNLOAD_HINT.format(name=self.path.name))
@@ -524,22 +545,30 @@ class _ChatRows(Dataset):
         return _load_json(self._file.readline(), where), where
 
     def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
-        """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""
+        """Render turns with the chat template, tokenise, label the assistant tokens, truncate.
+
+        The labels are found on the whole row, then cut with it: truncation only ever removes a tail, so every
+        supervised token keeps its prompt, a reply cut short keeps its supervised prefix, and "the final reply" is
+        the conversation's, not whatever the cut leaves last."""
         messages, tools = _messages(turns, where)
         try:
             text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
         except Exception as e:  # a template error without file:line would be opaque mid-epoch
             raise DataError(f"{where}: the chat template cannot render this row ({type(e).__name__}: {e})") from e
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_seq_len or self.max_seq_len]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(self._assistant_labels(ids))}
-
-    def _assistant_labels(self, ids: list[int]) -> list[int]:
-        """One linear scan: label from after each assistant header through the next <|im_end|>.
-
-        Truncation only ever removes a tail, so every supervised token keeps its prompt; a reply cut short keeps
-        its supervised prefix, and a header cut short supervises nothing.
-        """
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        spans = self._assistant_spans(ids)
+        if self.loss_turns == "last":
+            spans = spans[-final_reply_turns(messages):]
         labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+        cut = max_seq_len or self.max_seq_len
+        return {"input_ids": torch.tensor(ids[:cut]), "labels": torch.tensor(labels[:cut])}
+
+    def _assistant_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """One linear scan: [start, end) of each assistant turn's tokens, from after its header through the next
+        <|im_end|> (or the end of ``ids``)."""
+        spans = []
         head, n, i = self.head, len(ids), 0
         while i < n:
             if ids[i] != head[0]:
@@ -553,9 +582,9 @@ class _ChatRows(Dataset):
             while end < n and ids[end] != self.end_id:
                 end += 1
             end = min(end + 1, n)  # include <|im_end|>
-            labels[start:end] = ids[start:end]
+            spans.append((start, end))
             i = end
-        return labels
+        return spans
 
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
