@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 
 # The training script that writes each stage's checkpoint, for "make it with ..." messages.
-TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py"}
+TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
+                 "full_dist": "train_distillation.py"}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.
 YARN_16X = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1,

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from dataset.lm_dataset import PretrainDataset, pad_collate, resolve_data_path
+from dataset import IGNORE_INDEX, PretrainDataset, pad_collate, resolve_data_path
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
 from model.devices import best_device, resolve_dtype
@@ -131,7 +131,7 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
         print_profile(variant.name, lambda: step(data[0]), device)
     step_time = statistics.median(times)
     tokens = sum(b["input_ids"].numel() for b in data) / len(data)
-    real = sum(int((b["labels"] != -100).sum()) for b in data) / len(data)
+    real = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in data) / len(data)
     row = {
         "variant": variant.name, "step_ms": step_time * 1e3, "tok_s": tokens / step_time, "real_tok_s": real / step_time,
         "peak_mem_gb": peak_memory_gb(device), "trainable": trainable / total,

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dataset.lm_dataset import DATA_DIR, USER_CACHE_DIR, cache_files, stale_caches
+from dataset.cache import USER_CACHE_DIR, cache_files, stale_caches
+from dataset.files import DATA_DIR
 
 
 def main(argv: list[str] | None = None) -> None:

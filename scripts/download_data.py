@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dataset.lm_dataset import DATA_DIR, KNOWN_FILES
+from dataset.files import DATA_DIR, KNOWN_FILES
 
 DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
 CHUNK = 1 << 20

@@ -33,8 +33,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dataset import DataError, PretrainDataset, SFTDataset, pad_collate, train_eval_split
-from dataset.lm_dataset import IGNORE_INDEX, resolve_data_path
+from dataset import (IGNORE_INDEX, DataError, PretrainDataset, SFTDataset, pad_collate, resolve_data_path,
+                     train_eval_split)
 from model.loading import add_model_args, model_from_args
 
 
@@ -83,7 +83,7 @@ def rows_of(path: str, tokenizer: Any, max_seq_len: int, cache_dir: str | None, 
 def score(model: torch.nn.Module, rows: Dataset, byte_lengths: torch.Tensor, batch_size: int = 8,
           progress: bool = False) -> dict[str, float]:
     """Loss per scored token (nats), perplexity and bits per byte of ``model`` on ``rows`` (items with ``input_ids``
-    and ``labels``; a label of -100 is not scored)."""
+    and ``labels``; a label of IGNORE_INDEX is not scored)."""
     device = next(model.parameters()).device
     nats = torch.zeros((), dtype=torch.float64)
     nats_with_text = torch.zeros((), dtype=torch.float64)

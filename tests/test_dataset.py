@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-import dataset.lm_dataset as lm
+import dataset.cache as cache
+import dataset.files as data_files
 from dataset import (DataError, DPODataset, PretrainDataset, SFTDataset, pad_collate, resolve_data_path,
                      train_eval_split)
 
@@ -221,6 +222,28 @@ def test_sft_errors_name_file_and_line(tok, tmp_path):
     assert skipping.skipped == 2
 
 
+def test_sft_rows_with_turns_out_of_order_are_reported_and_used(tok, tmp_path, caplog):
+    user, reply = {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}
+    system = {"role": "system", "content": "be kind"}
+    rows = [[user, reply], [user, user, reply], [system, reply, user, reply], [system, user, reply], [reply, user, reply]]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": r} for r in rows])
+    for _ in range(2):  # counted while indexing, reported by every run (the second one reads the cached index)
+        caplog.clear()
+        ds = SFTDataset(path, tok, max_seq_len=64)
+        assert f"{path}: 3 row(s) with turns out of the usual order" in caplog.text
+        assert (f"{path}:2 (conversations: two user turns in a row), {path}:3 (conversations: an assistant turn "
+                f"first), {path}:5 (conversations: an assistant turn first)") in caplog.text
+        assert len(ds) == 5 and all((ds[i]["labels"] != IGN).any() for i in range(5))  # used as they are
+
+
+def test_json_error_says_at_once(tok, tmp_path):
+    path = tmp_path / "pre.jsonl"
+    path.write_text('{"text": "a\tb"}\n')  # a raw tab inside a JSON string
+    with pytest.raises(DataError) as err:
+        PretrainDataset(path, tok, 4)
+    assert "malformed JSON (Invalid control character at character 12 of the line)" in str(err.value)
+
+
 def test_blank_lines_of_spaces_or_carriage_returns_are_not_rows(tok, tmp_path, monkeypatch):
     """A Windows-edited file (\\r\\n, blank lines "\\r\\n") and lines of spaces: every real row, right line numbers,
     also when the index is written out in blocks of a few rows."""
@@ -229,7 +252,7 @@ def test_blank_lines_of_spaces_or_carriage_returns_are_not_rows(tok, tmp_path, m
     path = tmp_path / "sft.jsonl"
     path.write_bytes("\r\n".join(lines).encode())
     for block_rows in (1 << 16, 1, 3):
-        monkeypatch.setattr(lm, "INDEX_FLUSH_ROWS", block_rows)
+        monkeypatch.setattr(cache, "INDEX_FLUSH_ROWS", block_rows)
         ds = SFTDataset(path, tok, max_seq_len=512, cache_dir=tmp_path / f"cache{block_rows}")
         assert np.fromfile(ds.files["lines"], np.int64).reshape(-1, 2)[:, 1].tolist() == [1, 4, 7, 8]
         assert all(ds[i]["input_ids"].tolist() == ds[0]["input_ids"].tolist() for i in range(4))
@@ -265,6 +288,25 @@ def test_dpo_masks(tok, tmp_path):
     batch = pad_collate([item, item])
     assert {v.shape for v in batch.values()} == {(2, item["chosen_input_ids"].numel())}  # one common length
     assert (batch["rejected_labels"][:, item["rejected_labels"].numel():] == IGN).all()
+
+
+def test_dpo_pair_with_two_prompts_is_refused_or_skipped(tok, tmp_path):
+    def pair(chosen_prompt: str, rejected_prompt: str) -> dict:
+        return {side: [{"role": "user", "content": prompt}, {"role": "assistant", "content": side}]
+                for side, prompt in (("chosen", chosen_prompt), ("rejected", rejected_prompt))}
+
+    system = [{"role": "system", "content": "be brief"}]
+    two_turns = {side: system + turns for side, turns in pair("same", "same").items()}
+    two_turns["rejected"] = two_turns["rejected"][1:]  # no system turn: another prompt
+    path = write_jsonl(tmp_path / "dpo.jsonl", [pair("same", "same"), pair("What?", "Why?"), two_turns,
+                                                pair("ok", "ok")])
+    ds = DPODataset(path, tok, 128)
+    for i in (1, 2):
+        with pytest.raises(DataError, match=rf"dpo\.jsonl:{i + 1}: chosen and rejected differ before their last "
+                                            r"assistant turn"):
+            ds[i]
+    skipping = DPODataset(path, tok, 128, skip_bad_lines=True)
+    assert skipping[1]["chosen_input_ids"].tolist() == ds[3]["chosen_input_ids"].tolist() and skipping.skipped == 2
 
 
 def test_workers_read_rows_lazily(tok, tmp_path):
@@ -305,6 +347,25 @@ def test_doc_mask_positions_restart_after_every_separator(tok, tmp_path):
     assert "position_ids" not in PretrainDataset(ds.path, tok, 32)[0]  # off by default
 
 
+def row_documents(ds: PretrainDataset, row: int) -> set[int]:
+    """The documents a row holds part of (a row is a document in pad mode)."""
+    if ds.mode == "pad":
+        return {row}
+    ds[0]  # maps the files
+    ends, start = np.asarray(ds._doc_ends), row * ds.max_seq_len
+    return set(range(np.searchsorted(ends, start, "right"), np.searchsorted(ends, start + ds.max_seq_len - 1, "right")
+                     + 1))
+
+
+def assert_no_document_both_trained_on_and_held_out(ds: PretrainDataset, train, held) -> set[int]:
+    """...and that only rows sharing a document with a held-out row are left out; returns the left-out rows."""
+    held_docs = set().union(*(row_documents(ds, r) for r in held.indices))
+    assert not any(row_documents(ds, r) & held_docs for r in train.indices)
+    left_out = set(range(len(ds))) - set(train.indices) - set(held.indices)
+    assert all(row_documents(ds, r) & held_docs for r in left_out)
+    return left_out
+
+
 def test_no_document_is_both_trained_on_and_held_out(tok, tmp_path):
     """Packing cuts documents: the training rows that share one with a held-out row are left out, and no others."""
     long_docs = DOCS + ["a long story " * 40] * 3  # a few documents that span several rows
@@ -312,18 +373,27 @@ def test_no_document_is_both_trained_on_and_held_out(tok, tmp_path):
         ds = PretrainDataset(write_jsonl(tmp_path / f"{mode}.jsonl", [{"text": d} for d in long_docs]), tok, 16,
                              mode=mode)
         train, held = train_eval_split(ds, eval_size=5, seed=1)
-        ends = np.asarray(ds._doc_ends) if mode == "pack" else None
+        left_out = assert_no_document_both_trained_on_and_held_out(ds, train, held)
+        assert (mode == "pad") == (not left_out)
 
-        def docs(row: int) -> set[int]:
-            if mode == "pad":
-                return {row}
-            start = row * 16
-            return set(range(np.searchsorted(ends, start, "right"), np.searchsorted(ends, start + 15, "right") + 1))
 
-        held_docs = set().union(*(docs(r) for r in held.indices))
-        assert not any(docs(r) & held_docs for r in train.indices)
-        left_out = set(range(len(ds))) - set(train.indices) - set(held.indices)
-        assert all(docs(r) & held_docs for r in left_out) and (mode == "pad") == (not left_out)
+def test_held_out_rows_pass_over_an_enormous_document(tok, tmp_path, caplog):
+    """One document spans most rows: holding out any of its rows would leave it all out of training (454,000 rows of
+    455,000 once). The held-out rows come from the other documents, and the run output says so."""
+    docs = DOCS[:20] + ["an enormous story " * 1500] + DOCS[20:]
+    ds = PretrainDataset(write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in docs]), tok, 16)
+    enormous = [r for r in range(len(ds)) if 20 in row_documents(ds, r)]
+    assert len(enormous) > 0.8 * len(ds)
+    for seed in range(3):
+        train, held = train_eval_split(ds, eval_size=5, seed=seed)
+        left_out = assert_no_document_both_trained_on_and_held_out(ds, train, held)
+        assert len(held) == 5 and not set(held.indices) & set(enormous)
+        assert len(left_out) <= 8 * 5  # the cap: LEFT_OUT_PER_HELD_OUT per held-out row
+        assert "passed over" in caplog.text
+    only_it = PretrainDataset(write_jsonl(tmp_path / "one.jsonl", [{"text": docs[20]}]), tok, 16)
+    caplog.clear()
+    train, held = train_eval_split(only_it, eval_size=2)  # none fits: one row, and the caller stops (no training row)
+    assert len(held) == 1 and len(train) == 0 and "1 of the 2 rows asked for are held out, one that" in caplog.text
 
 
 def test_pad_mode_one_document_per_row(tok, tmp_path):
@@ -357,8 +427,8 @@ def test_cache_reused_and_invalidated(tok, tmp_path):
 def test_data_in_a_read_only_folder_is_cached_in_the_users_cache(tok, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "pre.jsonl", [{"text": d} for d in DOCS])
     real_access = os.access
-    monkeypatch.setattr(lm.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))  # root may write all
-    monkeypatch.setattr(lm, "USER_CACHE_DIR", tmp_path / "user-cache")
+    monkeypatch.setattr(cache.os, "access", lambda p, mode: p != tmp_path and real_access(p, mode))  # root may write all
+    monkeypatch.setattr(cache, "USER_CACHE_DIR", tmp_path / "user-cache")
     assert PretrainDataset(path, tok, 32).files["bin"].parent == tmp_path / "user-cache"
     assert SFTDataset(write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CHAT}]), tok, 64).files["lines"].parent \
         == tmp_path / "user-cache"
@@ -439,8 +509,8 @@ def test_train_eval_split_is_deterministic():
 
 
 def test_resolve_data_path(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lm, "DATA_DIR", tmp_path / "dataset")
-    monkeypatch.setattr(lm, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(data_files, "DATA_DIR", tmp_path / "dataset")
+    monkeypatch.setattr(data_files, "REPO_ROOT", tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as err:
         resolve_data_path("dataset/sft_t2t_mini.jsonl", [], "sft.jsonl")

@@ -142,7 +142,7 @@ def test_resume_is_offered_only_when_there_is_a_part(tmp_path):
 
 
 def test_a_lora_name_minimind_does_not_publish_gets_no_download_hint(tmp_path, monkeypatch, capsys):
-    import dataset.lm_dataset as lm
+    import dataset.files as lm
     from trainer.train_lora import parse
 
     monkeypatch.setattr(lm, "DATA_DIR", tmp_path)

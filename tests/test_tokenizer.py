@@ -244,8 +244,7 @@ def write_corpus(path: Path, lines: list[str]) -> Path:
 
 
 def test_train_tokenizer_names_the_bad_corpus_line(tmp_path):
-    from dataset import DataError
-    from dataset.lm_dataset import iter_documents
+    from dataset import DataError, iter_documents
     from trainer.train_tokenizer import main
 
     ok = json.dumps({"text": EN})

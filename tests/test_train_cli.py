@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataset.lm_dataset as lm
+import dataset.files as data_files
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.files import REPO_ROOT
 from model.loading import load_tokenizer
@@ -79,7 +79,7 @@ def test_demo_defaults_never_override_a_typed_flag(capsys):
 
 
 def test_demo_defaults_on_a_gpu_when_the_data_is_the_bundled_demo(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(lm, "DATA_DIR", tmp_path)
+    monkeypatch.setattr(data_files, "DATA_DIR", tmp_path)
     (tmp_path / "demo").mkdir()
     demo_file = write_jsonl(tmp_path / "demo" / "sft.jsonl", [])
     parser = build_parser("t", batch_size=32, max_steps=0)
@@ -140,7 +140,7 @@ def test_ddp_two_ranks_with_half_the_batch_equal_one_process(tmp_path):
 def test_lora_name_without_its_data_file_is_a_usage_error(tmp_path, monkeypatch, capsys):
     from trainer.train_lora import parse
 
-    monkeypatch.setattr(lm, "DATA_DIR", tmp_path)  # whatever dataset/ holds on this machine
+    monkeypatch.setattr(data_files, "DATA_DIR", tmp_path)  # whatever dataset/ holds on this machine
     (tmp_path / "demo").mkdir()
     demo = write_jsonl(tmp_path / "demo" / "lora_identity.jsonl", [])
     with pytest.raises(SystemExit) as stop:  # not an adapter named medical trained on the identity demo

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dataset import lm_dataset
+from dataset import files as data_files
 from model import MiniMindConfig
 from model.devices import best_device
 from model.weights import vocab_fingerprint
@@ -114,7 +114,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
             path = data_file(args)
         except FileNotFoundError as e:
             parser.error(str(e))
-        demo_data = args.data_path is None and lm_dataset.is_demo_file(path)
+        demo_data = args.data_path is None and data_files.is_demo_file(path)
         args.data_path = str(path)  # a str: args go into resume files and loggers
     on_cpu = (args.device or best_device()) == "cpu"
     if demo and (on_cpu or demo_data):

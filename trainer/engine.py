@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from dataset import DataError, pad_collate, train_eval_split
+from dataset import IGNORE_INDEX, DataError, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
 from model.files import SaveError, checkpoint_path, out_dir, resolve_path
@@ -48,7 +48,7 @@ LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross entropy on the positions whose label is not -100 (+ the MoE balancing loss)."""
+    """Next-token cross entropy on the positions whose label is not IGNORE_INDEX (+ the MoE balancing loss)."""
     out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"))
     return out.loss, ({"aux_loss": out.aux_loss} if out.aux_loss is not None else {})
 
@@ -56,7 +56,7 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, tor
 def supervised_tokens(batch: Batch) -> int:
     """The positions ``lm_loss`` averages over (the model shifts labels by one). Read on the host, before the batch
     goes to the device: no sync."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def stage_weights_path(args: Namespace, config: MiniMindConfig) -> Path:

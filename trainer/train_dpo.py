@@ -19,14 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dataset import DPODataset, pad_collate, resolve_data_path
-from dataset.lm_dataset import IGNORE_INDEX
+from dataset import IGNORE_INDEX, DPODataset, pad_collate, resolve_data_path
 from trainer import Stage, build_parser, parse_args, run
 from trainer.engine import Batch
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, length_norm: bool = False) -> torch.Tensor:
-    """Per row, the log-probability of its supervised tokens (label != -100): their sum, or mean with length_norm.
+    """Per row, the log-probability of its supervised tokens (label != IGNORE_INDEX): their sum, or mean with length_norm.
 
     Labels are aligned with the inputs, so the logits at position t score the label at t+1.
     """

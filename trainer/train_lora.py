@@ -14,7 +14,8 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from dataset import SFTDataset, lm_dataset, resolve_data_path
+from dataset import SFTDataset, resolve_data_path
+from dataset import files as data_files
 from model import MiniMindConfig
 from model.model_lora import DEFAULT_TARGETS, LAYER_TYPES, apply_lora, lora_path, lora_summary, save_lora
 from trainer import Stage, build_parser, parse_args, run
@@ -29,11 +30,11 @@ def lora_file(args: Namespace) -> Path:
     Only the default name falls back to the bundled identity set: an adapter named medical but trained on identity
     data would be a silent lie, so another name without its file is an error (a usage error, via parse_args)."""
     name = f"lora_{args.lora_name}.jsonl"
-    if args.data_path is None and args.lora_name != DEFAULT_NAME and not (lm_dataset.DATA_DIR / name).is_file():
-        get = (f"Download it with: {lm_dataset.DOWNLOAD_HINT.format(name=name)}" if name in lm_dataset.KNOWN_FILES
+    if args.data_path is None and args.lora_name != DEFAULT_NAME and not (data_files.DATA_DIR / name).is_file():
+        get = (f"Download it with: {data_files.DOWNLOAD_HINT.format(name=name)}" if name in data_files.KNOWN_FILES
                else f"MiniMind publishes no {name} (scripts/download_data.py --list shows what it does): write it")
         raise FileNotFoundError(
-            f"--lora_name {args.lora_name}: no {lm_dataset.DATA_DIR / name}. {get}; or pass --data_path FILE "
+            f"--lora_name {args.lora_name}: no {data_files.DATA_DIR / name}. {get}; or pass --data_path FILE "
             f"(only --lora_name {DEFAULT_NAME} falls back to the bundled demo set)")
     return resolve_data_path(args.data_path, [name], "lora_identity.jsonl")
 

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from dataset.lm_dataset import DataError, iter_documents
+from dataset import DataError, iter_documents
 from dataset.sources import chatterbot_dialogues, fetch_sources, fortune_cookies
 from model.files import resolve_path
 

@@ -238,11 +238,13 @@ def label_token_loss(label_ids: Sequence[int]):
     """
     import torch
 
+    from dataset import IGNORE_INDEX
+
     index = torch.tensor(list(label_ids))
 
     def loss_fn(model, batch):
         labels = batch["labels"]
-        answer = (labels != -100).int().argmax(1)  # first supervised position = the label's first token
+        answer = (labels != IGNORE_INDEX).int().argmax(1)  # first supervised position = the label's first token
         rows = torch.arange(len(labels), device=labels.device)
         idx = index.to(labels.device)
         logits = model(input_ids=batch["input_ids"]).logits[rows, answer - 1].float().index_select(-1, idx)
