@@ -241,6 +241,11 @@ class _ChatRows(Dataset):
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def check_first_row(self) -> None:
+        """Encode the first row, whatever skip_bad_lines says: a file of another kind (DPO pairs where SFT rows are
+        expected) is refused at start-up, naming its file:line, rather than mid-epoch."""
+        self.encode_row(*self._row(0))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= i < len(self):
             raise IndexError(i)

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from dataset import IGNORE_INDEX, DataError, pad_collate, train_eval_split
+from dataset import IGNORE_INDEX, DataError, MixedRows, pad_collate, train_eval_split
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.flops import flops_per_token, peak_tflops
 from model.files import SaveError, checkpoint_path, out_dir, resolve_path
@@ -140,10 +140,23 @@ def epoch_loader(data: Dataset, args: Namespace, rt: Runtime, collate: Callable[
     exactly the rows it already trained on and then sees the same batches as an uninterrupted one."""
     sampler = DistributedSampler(data, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=args.seed)
     sampler.set_epoch(epoch)
+    order = list(sampler)
+    if isinstance(data, MixedRows):
+        data.set_epoch(epoch)  # before the loader (and its workers) take the dataset: this epoch's draw
+        step_rows = args.batch_size * args.accumulation_steps
+        report_mix(data, order[:len(order) // step_rows * step_rows], epoch, rt)  # the rows of whole steps
     workers = args.num_workers if args.num_workers is not None else (0 if rt.device.type == "cpu" else 4)
-    return DataLoader(data, batch_size=args.batch_size, sampler=list(sampler)[skip_rows:], collate_fn=collate,
+    return DataLoader(data, batch_size=args.batch_size, sampler=order[skip_rows:], collate_fn=collate,
                       drop_last=True, num_workers=workers, pin_memory=rt.device.type == "cuda",
                       generator=torch.Generator())  # own generator: creating a loader leaves the global RNG alone
+
+
+def report_mix(data: MixedRows, trained: list[int], epoch: int, rt: Runtime) -> None:
+    """Print the share of the epoch's trained rows (all ranks) that come from the mix file: the asked one up to
+    rounding and the partial step each epoch drops."""
+    mixed, rows = all_ranks(rt, torch.tensor([data.mixed_in(trained), len(trained)], device=rt.device)).tolist()
+    rt.print(f"[mix] epoch {epoch + 1}: {mixed} of {rows} rows ({mixed / max(rows, 1):.1%}) from --mix_data "
+             f"(--mix_ratio {data.ratio:g})")
 
 
 def step_batches(data: Dataset, args: Namespace, rt: Runtime, collate: Callable[[list[Batch]], Batch], start_step: int,
@@ -160,6 +173,8 @@ def step_batches(data: Dataset, args: Namespace, rt: Runtime, collate: Callable[
 def split_data(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> tuple[Dataset, Dataset | None]:
     """The stage's rows as (train, held-out eval or None), checked for what would make a run pointless."""
     dataset = stage.build_dataset(args, tokenizer)
+    mixed = dataset if isinstance(dataset, MixedRows) else None
+    dataset = mixed.main if mixed else dataset  # the held-out rows come from the main file only
     if len(dataset) == 0:
         raise DataError(f"{getattr(args, 'data_path', None) or 'the dataset'} has no rows")
     if args.eval_size >= len(dataset):
@@ -173,6 +188,7 @@ def split_data(stage: Stage, args: Namespace, tokenizer: Any, rt: Runtime) -> tu
     if not train_set:
         raise DataError(f"--eval_size {args.eval_size} leaves no rows to train on (with the {left_out} that share "
                         f"their documents); lower it (0: no held-out eval)")
+    train_set = mixed.over(train_set) if mixed else train_set
     if rt.is_main:
         check_supervision(train_set, stage.collate, rt)
     return train_set, eval_set
