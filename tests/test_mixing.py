@@ -81,6 +81,32 @@ def test_engine_logs_the_realised_share_and_resumes_exactly(tmp_path, capsys):
     assert losses(resumed) == losses(whole)[7:]  # bit for bit: the same epoch draws and positions in them
 
 
+class Recorded(TokenRows):
+    """TokenRows that note which rows are read, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: list[int] = []
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.read.append(i)
+        return super().__getitem__(i)
+
+
+def test_each_epoch_trains_on_its_own_draw(tmp_path):
+    mix = Recorded(n=6, seed=1)
+    stage = Stage("pretrain", lambda args, tok: MixedRows(TokenRows(n=16, seed=0), mix, 0.2, args.seed))
+    train(stage, tiny_args("--out_dir", str(tmp_path), "--max_steps", "10", "--epochs", "2"))
+    expected = MixedRows(TokenRows(n=16), TokenRows(n=6), 0.2, seed=42)  # tiny_args keeps --seed 42
+    draws = []
+    for epoch in range(2):
+        expected.set_epoch(epoch)
+        draws.append(sorted(expected.drawn.tolist()))
+    assert draws[0] != draws[1]
+    # the start-up check reads every row of the 20 (epoch 0's draw), then each epoch trains on its 20 rows
+    assert len(mix.read) == 12 and [sorted(mix.read[4 * k:4 * k + 4]) for k in range(3)] == [draws[0], *draws]
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mix")
