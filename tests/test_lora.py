@@ -35,6 +35,18 @@ def _randomize_lora(model: nn.Module, std: float = 0.05) -> None:
                 p.normal_(0.0, std)
 
 
+def _train_a_few_steps(model: nn.Module, steps: int = 3) -> dict[str, torch.Tensor]:
+    """AdamW on the trainable parameters, lr 1e-2, on random tokens; returns the state dict after."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        x = _tokens()
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.state_dict()
+
+
 def _base_and_lora(config: MiniMindConfig, **lora) -> tuple[MiniMindForCausalLM, MiniMindForCausalLM, list[str]]:
     base = MiniMindForCausalLM(config).eval()
     model = copy.deepcopy(base)
@@ -57,15 +69,7 @@ def test_training_changes_only_lora(tiny):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(re.search(r"\.lora_[AB]$", name) for name in trainable)
 
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        x = _tokens()
-        model(x, labels=x).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    after = model.state_dict()
+    after = _train_a_few_steps(model)
     for key in base.state_dict():
         assert torch.equal(after[key], before[key]), f"base weight {key} changed"
     lora_keys = [k for k in after if ".lora_" in k]
@@ -354,14 +358,7 @@ def test_dora_training_moves_a_b_and_m_never_the_base(tiny):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(re.search(r"\.lora_(A|B|magnitude)$", name) for name in trainable)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        x = _tokens()
-        model(x, labels=x).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    after = model.state_dict()
+    after = _train_a_few_steps(model)
     for key in base.state_dict():
         assert torch.equal(after[key], before[key]), f"base weight {key} changed"
     adapter = [k for k in after if ".lora_" in k]
