@@ -114,12 +114,13 @@ class DoRALinear(LoRALinear):
         with torch.no_grad():  # detached, as in the paper and peft: no [out, in] graph kept for the backward
             norm = self.weight_norm()
         factor = self.lora_magnitude / norm  # exactly 1 at init: m was computed as this very norm
-        dropped = self.lora_dropout(x)  # x itself in eval mode or without dropout
-        base, update = F.linear(x, self.weight), self.low_rank_update(dropped)
-        if dropped is x:
-            out = factor * (base + update)
-        else:  # peft's form under dropout: the magnitude's rescale of the base output sees the dropped-out input too
-            out = base + (factor - 1) * F.linear(dropped, self.weight) + factor * update
+        base = F.linear(x, self.weight)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            # peft's form under dropout: the magnitude's rescale of the base output sees the dropped-out input too
+            dropped = self.lora_dropout(x)
+            out = base + (factor - 1) * F.linear(dropped, self.weight) + factor * self.low_rank_update(dropped)
+        else:
+            out = factor * (base + self.low_rank_update(x))
         return out if self.bias is None else out + self.bias
 
     def adapted_weight(self) -> torch.Tensor:

@@ -188,8 +188,9 @@ def _peft_twin(base: nn.Module, model: nn.Module, names: list[str], targets: lis
     """peft's LoRA (DoRA with use_dora=True) on ``base``, holding ``model``'s A, B (and magnitude) tensors."""
     from peft import LoraConfig, get_peft_model
 
-    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                                                init_lora_weights=False, **config)).eval()
+    config = {"lora_dropout": 0.0, **config}
+    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                **config)).eval()
     inner = reference.base_model.model
     assert sorted(names) == sorted(n for n, m in inner.named_modules() if hasattr(m, "lora_A") and n)
     with torch.no_grad():
@@ -340,6 +341,22 @@ def test_dora_matches_peft(tiny):
                  (ours.lora_magnitude, theirs.lora_magnitude_vector["default"].weight)]
         for mine, peft_param in pairs:
             torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dora_matches_peft_under_dropout(tiny):
+    """In training with dropout, peft rescales the base output of the dropped-out input: the same masks (one draw per
+    layer, in the same order) give the same logits."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    base, model, names = _base_and_lora(tiny(), rank=4, alpha=8, targets=targets, lora_type="dora", dropout=0.3)
+    _randomize_dora(model)
+    reference = _peft_twin(base, model, names, targets, use_dora=True, lora_dropout=0.3)
+    x = _tokens()
+    model.train(), reference.train()
+    torch.manual_seed(1)
+    ours = _logits(model, x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours, _logits(reference, x), rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, _logits(model.eval(), x), atol=1e-3)  # dropout did act
 
 
 def test_dora_merge_equals_the_unmerged_model(tiny, tmp_path):
