@@ -6,6 +6,8 @@
     python eval_llm.py --load_from out/full_sft_512-hf       # a transformers folder (scripts/convert_model.py)
     python eval_llm.py --weight ~/Downloads/full_sft_512.pth --tokenizer ~/minimind/model   # MiniMind's weights
     printf '你好\\n/clear\\n1+1=?\\n' | python eval_llm.py --temperature 0    # scripted: prompts from stdin
+    python eval_llm.py --weight full_sft --open_thinking 1   # the reply starts inside a <think> block (0: none)
+    python eval_llm.py --weight full_sft --tools             # the model may call model/tools.py's tools
 
 In a chat: /clear forgets the history (清空历史), /exit or Ctrl-D quits (退出), Ctrl-C stops a reply (中断回答).
 """
@@ -21,9 +23,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from model.generation import ReasoningSplit, ReplyStream, chat_prompt, fit_history, generation_config, plain_prompt
+from model.generation import (ReasoningSplit, ReplyStream, chat_prompt, fit_history, generation_config, opens_thinking,
+                              plain_prompt)
 from model.loading import add_model_args, model_from_args, weight_arg
 from model.metrics import CHAT_PROMPTS, PLAIN_PROMPTS, ngram_repetition
+from model.tools import TOOLS, Toolbox, assistant_turn, chat_exchange, split_tool_calls
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -52,11 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sliding window: drop the oldest turns until the prompt fits this many tokens (0: off)")
     c.add_argument("--plain", action="store_true", help="continue text without the chat template (auto for pretrain)")
     c.add_argument("--show_speed", type=int, default=1, choices=[0, 1], help="print tokens/s after each reply")
+    c.add_argument("--open_thinking", type=int, default=None, choices=[0, 1],
+                   help="1: the reply starts inside a <think> block; 0: behind an empty one (answer directly); "
+                        "default: as the chat template decides (ours: the model does)")
+    c.add_argument("--tools", nargs="*", default=None, metavar="NAME",
+                   help=f"let the model call tools (all, or those named: {', '.join(t.name for t in TOOLS)}); "
+                        "their answers come back as tool turns")
+    c.add_argument("--max_tool_rounds", type=int, default=3, help="rounds of tool calls per prompt, at most")
     args = p.parse_args(argv)
     if args.history_cnt < 0 or args.history_cnt % 2:
         p.error("--history_cnt counts messages, a question and its answer being 2: use 0, 2, 4, ...")
-    if args.max_new_tokens < 1 or args.num_beams < 1:
-        p.error("--max_new_tokens and --num_beams must be at least 1")
+    if args.tools is not None:
+        try:
+            args.tools = Toolbox(args.tools or None)
+        except ValueError as e:
+            p.error(str(e))
+    if args.max_new_tokens < 1 or args.num_beams < 1 or args.max_tool_rounds < 0:
+        p.error("--max_new_tokens and --num_beams must be at least 1, --max_tool_rounds at least 0")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
         p.error("sampling needs --temperature >= 0, --top_k >= 0 (0: off), 0 < --top_p <= 1, --repetition_penalty > 0")
     return args
@@ -87,11 +103,12 @@ def read_prompts(interactive: bool) -> Iterator[str]:
 
 
 def respond(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, prompt: str, config: GenerationConfig,
-            show_speed: bool) -> str | None:
+            show_speed: bool, thinking_open: bool = False) -> str | None:
     """Stream one reply to stdout and return its answer (a ``<think>`` block is shown dimmed, and left out of what
-    is returned, so of the history); None when Ctrl-C cut it short."""
+    is returned, so of the history); None when Ctrl-C cut it short. ``thinking_open``: the prompt opened the
+    ``<think>`` block."""
     stream = ReplyStream(model, tokenizer, prompt, config)
-    pieces, split = iter(stream), ReasoningSplit()
+    pieces, split = iter(stream), ReasoningSplit(thinking_open)
     answer, thinking = "", False
     print("🤖: ", end="", flush=True)
     try:
@@ -116,14 +133,34 @@ def respond(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, prom
     return answer
 
 
+def converse(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig,
+             messages: list[dict], args: argparse.Namespace, plain: bool = False) -> list[dict] | None:
+    """The new messages answering ``messages``, printed as they come: the reply, or with ``args.tools`` the replies
+    that call tools, the tools' answers (tool turns) and the final reply. ``plain``: a pretrained model continues the
+    last message as text, without the chat template. None when Ctrl-C cut it short."""
+    if plain:
+        reply = respond(model, tokenizer, plain_prompt(tokenizer, messages[-1]["content"]), config, bool(args.show_speed))
+        return None if reply is None else [assistant_turn(reply, [])]
+    tools, thinking = args.tools, None if args.open_thinking is None else bool(args.open_thinking)
+
+    def ask(history: list[dict]) -> dict | None:
+        prompt = chat_prompt(tokenizer, history, tools and tools.schemas(), thinking)
+        answer = respond(model, tokenizer, prompt, config, bool(args.show_speed), opens_thinking(prompt))
+        if answer is None:
+            return None
+        return assistant_turn(*split_tool_calls(answer)) if tools else assistant_turn(answer, [])
+
+    return chat_exchange(ask, messages, tools, args.max_tool_rounds)
+
+
 def run_auto(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig, plain: bool,
-             show_speed: bool) -> None:
+             args: argparse.Namespace) -> None:
     """Reply to the eight fixed prompts, then print the replies' mean length and 4-gram repetition."""
     replies = []
     for text in PLAIN_PROMPTS if plain else CHAT_PROMPTS:
         print(f"👶: {text}")
-        prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, [{"role": "user", "content": text}])
-        replies.append(respond(model, tokenizer, prompt, config, show_speed) or "")
+        new = converse(model, tokenizer, config, [{"role": "user", "content": text}], args, plain)
+        replies.append((new[-1]["content"] or "") if new else "")
         print()
     mean_len = sum(map(len, replies)) / len(replies)
     mean_rep = sum(ngram_repetition(r) for r in replies) / len(replies)
@@ -131,12 +168,13 @@ def run_auto(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, con
 
 
 def run_chat(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, config: GenerationConfig, plain: bool,
-             show_speed: bool, history_cnt: int, max_context: int) -> None:
-    """Reply to prompts from the terminal or stdin, keeping the last ``history_cnt`` messages (a plain model sees
-    only the current line)."""
+             args: argparse.Namespace) -> None:
+    """Reply to prompts from the terminal or stdin, keeping the last ``args.history_cnt`` messages (a plain model
+    sees only the current line)."""
+    history_cnt, max_context = args.history_cnt, args.max_context
     print("/clear: forget the history 清空历史 · /exit or Ctrl-D: quit 退出 · Ctrl-C: stop a reply 中断回答",
           file=sys.stderr)
-    messages: list[dict[str, str]] = []
+    messages: list[dict] = []
     for text in read_prompts(sys.stdin.isatty()):
         if text == "/exit":
             break
@@ -148,12 +186,11 @@ def run_chat(model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, con
         messages.append({"role": "user", "content": text})
         if max_context and not plain:
             messages = fit_history(tokenizer, messages, max_context)
-        prompt = plain_prompt(tokenizer, text) if plain else chat_prompt(tokenizer, messages)
-        reply = respond(model, tokenizer, prompt, config, show_speed)
-        if reply is None:
+        new = converse(model, tokenizer, config, messages, args, plain)
+        if new is None:
             messages.pop()  # an interrupted turn is not part of the history
         else:
-            messages.append({"role": "assistant", "content": reply})
+            messages += new
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
         mode = "chat" if not sys.stdin.isatty() else (
             "auto" if input("[0] 自动测试 auto test\n[1] 手动对话 chat\n> ").strip() == "0" else "chat")
     if mode == "auto":
-        run_auto(model, tokenizer, config, plain, bool(args.show_speed))
+        run_auto(model, tokenizer, config, plain, args)
     else:
-        run_chat(model, tokenizer, config, plain, bool(args.show_speed), args.history_cnt, args.max_context)
+        run_chat(model, tokenizer, config, plain, args)
 
 
 if __name__ == "__main__":

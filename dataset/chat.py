@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,16 @@ class _ChatRows(Dataset):
         self._file.seek(offset)
         return load_json(self._file.readline(), where), where
 
-    def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None) -> dict[str, torch.Tensor]:
-        """Render turns with the chat template, tokenise, truncate, and label the assistant tokens."""
-        return self.encode_messages(*_messages(turns, where), where, max_seq_len)
+    def encode_turns(self, turns: Any, where: str, max_seq_len: int | None = None,
+                     empty_think: bool = False) -> dict[str, torch.Tensor]:
+        """Render turns with the chat template, tokenise, truncate, and label the assistant tokens. ``empty_think``:
+        assistant turns without reasoning show an empty ``<think>`` block, as minimind-3 renders every turn."""
+        messages, tools = _messages(turns, where)
+        if empty_think:
+            for message in messages:
+                if message["role"] == "assistant":
+                    message.setdefault("reasoning_content", "")  # the template shows "" as an empty block
+        return self.encode_messages(messages, tools, where, max_seq_len)
 
     def encode_messages(self, messages: list[dict], tools: list | None, where: str, max_seq_len: int | None = None) \
             -> dict[str, torch.Tensor]:
@@ -268,12 +276,30 @@ class SFTDataset(_ChatRows):
     `tools`, assistant `tool_calls` and `reasoning_content`, `tool` turns), all rendered by the tokenizer's chat
     template. Rows are truncated to max_seq_len tokens; a row whose first reply lies beyond the cut has no
     supervised token (all labels IGNORE_INDEX): the loss must not divide by zero tokens.
+
+    ``empty_think_ratio``: the share of rows whose replies without reasoning show an empty ``<think>`` block (the
+    rest show none), so one model learns to answer after a closed block (open_thinking false) as well as after a
+    plain ``<|im_start|>assistant``. minimind-3 keeps them in 20% of its rows. Which rows is drawn from each row's
+    file:line, so every epoch and every resume renders a row the same way.
     """
+
+    def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
+                 cache_dir: str | os.PathLike | None = None, empty_think_ratio: float = 0.0, loss_turns: str = "all"):
+        if not 0 <= empty_think_ratio <= 1:
+            raise ValueError(f"empty_think_ratio is a share of rows, between 0 and 1, not {empty_think_ratio}")
+        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir, loss_turns)
+        self.empty_think_ratio = empty_think_ratio
+        if empty_think_ratio and "<think>" not in self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2", "reasoning_content": ""}],
+                tokenize=False):
+            raise ValueError("empty_think_ratio needs a chat template that shows an empty reasoning_content as an "
+                             "empty <think> block (model/chat_template.jinja does); this tokenizer's does not")
 
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         if not isinstance(row, dict) or "conversations" not in row:
             raise DataError(f"{where}: expected an object with a 'conversations' key, got {preview(row)}")
-        return self.encode_turns(row["conversations"], where)
+        empty_think = random.Random(where).random() < self.empty_think_ratio
+        return self.encode_turns(row["conversations"], where, empty_think=empty_think)
 
 
 class DPODataset(_ChatRows):

@@ -1,6 +1,17 @@
-"""MiniMind models: the transformer (model_minimind), LoRA (model_lora) and the one way to load them (loading), which
-builds on files (paths, atomic writes), weights (state dicts), checkpoint_config, hf_interop and devices."""
+"""MiniMind models: the transformer (model_minimind), LoRA (model_lora), the one way to load them (loading), which
+builds on files (paths, atomic writes), weights (state dicts), checkpoint_config, hf_interop and devices; and the
+tools a chat model may call (tools).
 
-from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
+The names below are imported on first use (PEP 562), so ``import model.tools`` (the chat client's tools) does not
+import torch; ``from model import MiniMindConfig`` works as ever."""
 
-__all__ = ["PRESETS", "MiniMindConfig", "MiniMindForCausalLM"]
+_EXPORTS = ("PRESETS", "MiniMindConfig", "MiniMindForCausalLM")
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        from model import model_minimind
+
+        return getattr(model_minimind, name)
+    raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -57,10 +57,13 @@ def generation_config(
     return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
 
 
-def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> str:
-    """ChatML text for ``messages`` (and the ``tools`` they may call) ending with an open assistant turn
-    (``<|im_start|>assistant\\n``)."""
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+def chat_prompt(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None = None,
+                open_thinking: bool | None = None) -> str:
+    """ChatML text for ``messages`` (and the ``tools`` they may call) ending with an open assistant turn:
+    ``<|im_start|>assistant\n``, then with ``open_thinking`` True a live ``<think>\n`` block, with False a closed
+    empty one (answer directly). None leaves it to the template's default (ours: neither; minimind-3's: closed)."""
+    switch = {} if open_thinking is None else {"open_thinking": open_thinking}
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True, **switch)
 
 
 def fit_history(tokenizer: Any, messages: list[dict[str, Any]], max_tokens: int) -> list[dict[str, Any]]:
@@ -186,14 +189,25 @@ class ReplyStream:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# reasoning: a reply that opens with <think>...</think> (a model trained on rows with reasoning_content)
+# reasoning: a reply that opens with <think>...</think> (a model trained on rows with reasoning_content), or that
+# starts inside a <think> block its prompt opened (open_thinking)
 
 THINK_START, THINK_END = "<think>", "</think>"  # how the chat template shows reasoning_content
 
 
-def answer_start(text: str, done: bool = True) -> int | None:
+def opens_thinking(prompt: str) -> bool:
+    """Whether a prompt leaves a ``<think>`` block open, so the reply starts inside it (``thinking_open`` below)."""
+    return prompt.rstrip("\n").endswith(THINK_START)
+
+
+
+def answer_start(text: str, done: bool = True, thinking_open: bool = False) -> int | None:
     """Where the answer begins in a reply: after a leading ``<think>…</think>`` block, else at 0; None while that
-    block is still open, or (mid-reply, ``done=False``) while the reply may yet open one."""
+    block is still open, or (mid-reply, ``done=False``) while the reply may yet open one. ``thinking_open``: the
+    prompt opened the block, so the reply starts inside it."""
+    if thinking_open:
+        start = answer_start(THINK_START + text, done)
+        return None if start is None else start - len(THINK_START)
     head = len(text) - len(text.lstrip())
     if not text.startswith(THINK_START, head):
         return None if not done and THINK_START.startswith(text[head:]) else 0
@@ -201,11 +215,14 @@ def answer_start(text: str, done: bool = True) -> int | None:
     return None if end < 0 else end + len(THINK_END)
 
 
-def split_reasoning(text: str, done: bool = True) -> tuple[str, str]:
+def split_reasoning(text: str, done: bool = True, thinking_open: bool = False) -> tuple[str, str]:
     """(reasoning, answer) of a reply: a leading ``<think>\\n…\\n</think>\\n\\n`` block is the reasoning, the rest is
-    the answer; a reply without one is all answer. Mid-reply (``done=False``) what may still change is held back (a
+    the answer; a reply without one is all answer. With ``thinking_open`` (the prompt ended in ``<think>\\n``) the
+    reply is reasoning up to its ``</think>``. Mid-reply (``done=False``) what may still change is held back (a
     beginning that may become ``<think>``, an end that may become ``</think>``, trailing newlines), so each call's
     result extends the previous one's."""
+    if thinking_open:
+        text = THINK_START + text
     start = answer_start(text, done)
     if start == 0:
         return "", text
@@ -222,12 +239,12 @@ def split_reasoning(text: str, done: bool = True) -> tuple[str, str]:
 class ReasoningSplit:
     """``split_reasoning`` as a reply streams in: ``feed`` returns the new (reasoning, answer) text to send."""
 
-    def __init__(self):
-        self.text, self.sent = "", (0, 0)
+    def __init__(self, thinking_open: bool = False):
+        self.text, self.sent, self.thinking_open = "", (0, 0), thinking_open
 
     def feed(self, piece: str, done: bool = False) -> tuple[str, str]:
         self.text += piece
-        reasoning, answer = split_reasoning(self.text, done)
+        reasoning, answer = split_reasoning(self.text, done, self.thinking_open)
         new = reasoning[self.sent[0]:], answer[self.sent[1]:]
         self.sent = len(reasoning), len(answer)
         return new

@@ -11,29 +11,33 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from model.checkpoint_config import config_for_state_dict
 from model.devices import best_device, check_device, resolve_dtype
-from model.files import TOKENIZER_DIR, checkpoint_path, resolve_path
+from model.files import TOKENIZER_DIR, checkpoint_path, out_dir, resolve_path
 from model.generation import stop_token_ids
 from model.hf_interop import read_transformers_folder
 from model.model_lora import load_lora, lora_path, merge_lora
 from model.model_minimind import PRESETS, MiniMindConfig, MiniMindForCausalLM
-from model.weights import check_vocabulary, load_state_dict_into, read_state_dict, vocab_fingerprint
+from model.weights import check_vocabulary, load_state_dict_into, read_state_dict, save_weights, vocab_fingerprint
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-# The training script that writes each stage's checkpoint, for "make it with ..." messages.
+# The training script that writes each stage's checkpoint, and the stage whose checkpoint it starts from (its default
+# --from_weight), for the "Make it with" hints.
 TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
                  "full_dist": "train_distillation.py"}
+STARTS_FROM = {"full_sft": "pretrain", "dpo": "full_sft", "full_dist": "full_sft"}
+MAKE_IT_WITH = "Make it with (in the repo root): "  # the rest of the line is the command, runnable as printed
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.
 YARN_16X = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048, "beta_fast": 32, "beta_slow": 1,
@@ -71,7 +75,8 @@ def load_model(
     file whose config records another vocabulary than the tokenizer's is refused.
     ``rope_scaling``: e.g. ``YARN_16X`` to extend the context at inference (MiniMind's --inference_rope_scaling).
     """
-    source = find_weights(weight, hidden_size=hidden_size, use_moe=use_moe, preset=preset, directory=directory)
+    source = find_weights(weight, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe,
+                          preset=preset, directory=directory)
     if source.is_dir():
         config, state = read_transformers_folder(source)
     else:
@@ -140,8 +145,10 @@ def find_weights(
     use_moe: bool | None = None,
     preset: str | None = None,
     directory: str | os.PathLike | None = None,
+    num_hidden_layers: int | None = None,
 ) -> Path:
-    """The file or folder ``weight`` names; a missing one fails naming the path and the command that makes it."""
+    """The file or folder ``weight`` names; a missing one fails naming the path and the command that makes it (a model
+    of the shape the flags ask for: the file name records only the hidden size)."""
     text = str(weight)
     if looks_like_path(text) or Path(text).expanduser().exists():
         path = resolve_path(text)
@@ -149,16 +156,18 @@ def find_weights(
             raise FileNotFoundError(f"no checkpoint at {path}")
         return path
     shape = dict(PRESETS[preset]) if preset else {}
-    shape.update({k: v for k, v in (("hidden_size", hidden_size), ("use_moe", use_moe)) if v is not None})
+    typed = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, use_moe=use_moe)
+    shape.update({k: v for k, v in typed.items() if v is not None})
     shape.setdefault("hidden_size", 512)
-    path = checkpoint_path(text, MiniMindConfig(**shape), directory)
+    config = MiniMindConfig(**shape)
+    path = checkpoint_path(text, config, directory)
     if path.is_file():
         return path
     others = _stage_files(path.parent, text)
     if len(others) == 1 and hidden_size is None and use_moe is None and preset is None:
         print(f"note: using {others[0][0]} (the only {text} checkpoint there)", file=sys.stderr)
         return others[0][0]
-    raise FileNotFoundError(_missing_checkpoint_message(path, text, others, shape, directory))
+    raise FileNotFoundError(_missing_checkpoint_message(path, text, others, config, directory))
 
 
 # MiniMind's checkpoint names: <stage>_<hidden>[_moe].pth
@@ -176,17 +185,16 @@ def _stage_files(folder: Path, stage: str) -> list[tuple[Path, str, bool]]:
     return files
 
 
-def _missing_checkpoint_message(path: Path, stage: str, others: list[tuple[Path, str, bool]], shape: dict[str, Any],
-                                directory: str | os.PathLike | None) -> str:
+def _missing_checkpoint_message(path: Path, stage: str, others: list[tuple[Path, str, bool]],
+                                config: MiniMindConfig, directory: str | os.PathLike | None) -> str:
     """Why ``stage`` has no checkpoint at ``path``: the other sizes there, the command that trains it (or, for a name
     no trainer uses, the checkpoints there), and the other ways to get weights."""
     lines = [f"no checkpoint {path}."]
     for other, hidden, moe in others:
         lines.append(f"Found {other}: load it with --hidden_size {hidden} --use_moe {int(moe)}")
-    flags = f"--hidden_size {shape['hidden_size']} --use_moe {int(bool(shape.get('use_moe')))}"
     if stage in TRAIN_SCRIPTS:
-        where = f" --out_dir {directory}" if directory else " (add --out_dir if you train elsewhere)"
-        lines.append(f"Make it with: python trainer/{TRAIN_SCRIPTS[stage]} {flags}{where},")
+        lines.append(make_it_with(stage, config, directory))
+        lines.append("(on a CPU, or without MiniMind's data in dataset/, each is a demo-sized run of minutes)")
     else:
         there = sorted(p.name for p in path.parent.glob("*.pth") if not p.stem.endswith("_resume"))
         lines.append(f"No training stage is called '{stage}' ({', '.join(TRAIN_SCRIPTS)}; other names come from "
@@ -196,12 +204,55 @@ def _missing_checkpoint_message(path: Path, stage: str, others: list[tuple[Path,
     return "\n".join(lines)
 
 
+def trainer_command(script: str, config: MiniMindConfig, directory: str | os.PathLike | None = None,
+                    *flags: str) -> str:
+    """``python trainer/<script> FLAGS`` with every size flag of ``config`` (so it writes the file of that name and
+    shape) and ``--out_dir`` when ``directory`` is given, quoted: runnable as printed, from the repo root."""
+    sizes = config.describe().split(" (")[0].split()  # fields no flag sets (in parentheses) cannot be passed anyway
+    where = ["--out_dir", str(out_dir(directory))] if directory else []
+    return shlex.join(["python", f"trainer/{script}", *flags, *sizes, *where])
+
+
+def make_it_with(stage: str, config: MiniMindConfig, directory: str | os.PathLike | None = None) -> str:
+    """``MAKE_IT_WITH`` and one command that writes ``stage``'s checkpoint of ``config``'s shape in
+    ``directory``: its trainer, after those of the stages it starts from that have no checkpoint there (joined by
+    ``&&``); "" for a name no trainer writes."""
+    commands = []
+    # The stage itself, then each stage it starts from, until one whose checkpoint is there.
+    while stage in TRAIN_SCRIPTS and not (commands and checkpoint_path(stage, config, directory).is_file()):
+        commands.insert(0, trainer_command(TRAIN_SCRIPTS[stage], config, directory))
+        stage = STARTS_FROM.get(stage)
+    return MAKE_IT_WITH + " && ".join(commands) if commands else ""
+
+
+def random_checkpoint(directory: str | os.PathLike | None, hidden_size: int = 64, num_hidden_layers: int = 2,
+                      stage: str = "full_sft") -> Path:
+    """``<directory>/<stage>_<hidden>.pth``: made, unless it is there, from random weights (seeded; the caller's RNG is
+    left alone) with our tokenizer's vocabulary. For checks of the code around a model in seconds, such as the
+    notebooks' SMOKE=1 runs: its replies are noise."""
+    tok = load_tokenizer()
+    config = MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, vocab_size=len(tok),
+                            tokenizer_vocab=vocab_fingerprint(tok))
+    path = checkpoint_path(stage, config, directory)
+    if not path.is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            save_weights(MiniMindForCausalLM(config), path)
+    return path
+
+
 def _merge_lora_file(model: nn.Module, lora: str | os.PathLike, directory: str | os.PathLike | None) -> None:
     text = str(lora)
     path = resolve_path(text) if looks_like_path(text) else lora_path(text, model.config, directory)
     if not path.is_file():
-        raise FileNotFoundError(f"no LoRA file {path}. Make it with: python trainer/train_lora.py --lora_name {text} "
-                                f"--hidden_size {model.config.hidden_size} --use_moe {int(model.config.use_moe)}")
+        if looks_like_path(text):
+            raise FileNotFoundError(f"no LoRA file {path}")
+        base = Path(model.name_or_path)  # the weights it was loaded from: the adapter trains on them
+        start = ("--from_weight", str(base)) if base.is_file() else ()
+        command = trainer_command("train_lora.py", model.config, directory, "--lora_name", text, *start)
+        raise FileNotFoundError(f"no LoRA file {path}. {MAKE_IT_WITH}{command}\n(it trains on "
+                                f"dataset/lora_{text}.jsonl, or add --data_path FILE; only identity falls back to the "
+                                f"bundled demo set)")
     load_lora(model, path)
     merge_lora(model)
 

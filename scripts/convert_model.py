@@ -16,7 +16,9 @@ own class (model_type "minimind"): they load where this repo is installed, or el
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +27,11 @@ from model.files import checkpoint_path, out_dir, resolve_path
 from model.hf_interop import save_transformers
 from model.loading import add_model_args, lora_arg, model_from_args, weight_arg
 from model.weights import save_weights
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from model.model_minimind import MiniMindForCausalLM
 
 
 def main() -> None:
@@ -65,20 +72,30 @@ def main() -> None:
         output = resolve_path(args.output) if args.output else out_dir(args.out_dir) / default
     if output.exists() and not args.overwrite:
         raise SystemExit(f"error: {output} exists; pass --overwrite to replace it, or --output elsewhere")
+    try:
+        print(write(target, model, tokenizer, output, args.save_dtype))
+    except (OSError, ValueError) as e:  # a full disk (SaveError), a model GGUF cannot hold: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
+
+
+def write(target: str, model: MiniMindForCausalLM, tokenizer: PreTrainedTokenizerBase, output: Path,
+          save_dtype: str | None) -> str:
+    """Write ``model`` to ``output`` as ``target`` ("pth", "gguf" or "hf"); returns what to print: where it went and
+    the command that chats with it."""
     if target == "pth":
-        save_weights(model, output, getattr(torch, args.save_dtype or "float16"))
-        print(f"wrote {output} ({model.config.describe()}); chat: python eval_llm.py --weight {output}")
-    elif target == "gguf":
-        try:
-            save_gguf(model, tokenizer, output, "f32" if args.save_dtype == "float32" else "f16")
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        print(f"wrote {output}; chat: llama-cli -m {output} -cnv   (Ollama: see README)")
-    else:
-        save_transformers(model, tokenizer, output, getattr(torch, args.save_dtype or "float32"))
-        kind = ("minimind (trust_remote_code)" if model.config.use_moe
-                else "qwen3" if model.config.qk_norm else "llama")
-        print(f"wrote {output} ({kind}); chat: python eval_llm.py --load_from {output}")
+        save_weights(model, output, getattr(torch, save_dtype or "float16"))
+        return f"wrote {output} ({model.config.describe()}); chat: {eval_llm_command('--weight', output)}"
+    if target == "gguf":
+        save_gguf(model, tokenizer, output, "f32" if save_dtype == "float32" else "f16")
+        return f"wrote {output}; chat: {shlex.join(['llama-cli', '-m', str(output), '-cnv'])}   (Ollama: see README)"
+    save_transformers(model, tokenizer, output, getattr(torch, save_dtype or "float32"))
+    kind = "minimind (trust_remote_code)" if model.config.use_moe else "qwen3" if model.config.qk_norm else "llama"
+    return f"wrote {output} ({kind}); chat: {eval_llm_command('--load_from', output)}"
+
+
+def eval_llm_command(*flags: str | Path) -> str:
+    """``python eval_llm.py FLAGS``, quoted so it runs as printed (a path may hold spaces)."""
+    return shlex.join(["python", "eval_llm.py", *map(str, flags)])
 
 
 if __name__ == "__main__":

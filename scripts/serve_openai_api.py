@@ -19,6 +19,9 @@ with an error event and ``data: [DONE]``; the client learns only that the server
 
 A reply that opens with ``<think>…</think>`` (a model trained on reasoning_content, which the chat template renders
 so) comes back split, as DeepSeek's API does: the thinking as ``reasoning_content``, the answer as ``content``.
+``"chat_template_kwargs": {"open_thinking": true}`` (vLLM's spelling; ``enable_thinking`` and top-level
+``open_thinking`` / ``enable_thinking`` work too) makes the prompt open the thinking, ``false`` closes it empty so the
+model answers directly; unset, the template decides (ours leaves it to the model, minimind-3's closes it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import time
 import uuid
@@ -46,16 +48,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 
 from model.generation import (ReasoningSplit, ReplyStream, answer_start, chat_prompt, generation_config,
-                              partial_marker, split_reasoning)
+                              opens_thinking, partial_marker, split_reasoning)
 from model.loading import add_model_args, lora_arg, model_from_args
+from model.tools import TOOL_CALL_START, assistant_turn, split_tool_calls
 
-
-TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)  # how the chat template shows a call
-TOOL_CALL_START = "<tool_call>"
 # Stop strings as OpenAI bounds them (up to 4), and short: real ones are markers ("\n\n", "User:", "</answer>"), while
 # transformers builds tables for each from the whole vocabulary, in time and memory that grow with the length: 4 x 64
 # characters took 0.6-0.8 s and at most ~7 MB here (it caches 8 such sets); one 20,000-character string took 35 s.
 MAX_STOPS, MAX_STOP_CHARS = 4, 64
+THINKING_SWITCHES = ("open_thinking", "enable_thinking")  # MiniMind's name first, then Qwen3's / vLLM's
 INTERNAL_ERROR = "the server failed to answer this request (the details are in its log)"
 WEB_DIR = Path(__file__).resolve().parent / "web"  # the chat page served at / (static files, no build step)
 # The page may only load its own files and talk to its own server: even a renderer bug could run no injected script.
@@ -126,6 +127,24 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=2**64)  # what torch.manual_seed accepts
+    # The thinking switch, as servers spell it: chat_template_kwargs (vLLM, SGLang) or top level (MiniMind, Qwen's API)
+    chat_template_kwargs: dict[str, Any] | None = None  # only open_thinking / enable_thinking are read
+    open_thinking: bool | None = None
+    enable_thinking: bool | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _thinking_switches(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in THINKING_SWITCHES:
+            if key in (kwargs or {}) and not isinstance(kwargs[key], bool | None):
+                raise ValueError(f"{key} must be true or false, not {json.dumps(kwargs[key])}")
+        return kwargs
+
+    def thinking(self) -> bool | None:
+        """True: the prompt opens the thinking; False: it closes it empty; None: as the chat template decides."""
+        kwargs = self.chat_template_kwargs or {}
+        switches = [kwargs.get(key) for key in THINKING_SWITCHES] + [self.open_thinking, self.enable_thinking]
+        return next((switch for switch in switches if switch is not None), None)
 
     @field_validator("stop")
     @classmethod
@@ -156,10 +175,11 @@ def error_response(status: int, message: str, param: str | None = None, code: st
 class ReplyText:
     """A reply's text checked as it arrives: cut before the first stop string and, when the request has tools, held
     back from the first ``<tool_call>`` of the answer on (not of a leading ``<think>`` block: a call the model only
-    thinks about is no call), to be parsed when the reply ends. ``feed`` returns what is safe to send."""
+    thinks about is no call), to be parsed when the reply ends. ``feed`` returns what is safe to send.
+    ``thinking_open``: the prompt opened the think block, so the reply starts inside it."""
 
-    def __init__(self, stops: list[str], tools: bool):
-        self.stops, self.tools = stops, tools
+    def __init__(self, stops: list[str], tools: bool, thinking_open: bool = False):
+        self.stops, self.tools, self.thinking_open = stops, tools, thinking_open
         self.markers = (stops + [TOOL_CALL_START]) if tools else stops
         self.text, self.sent, self.stopped = "", 0, False
 
@@ -172,7 +192,7 @@ class ReplyText:
             self.text, self.stopped = self.text[:min(hits)], True
         # Hold back an end that may grow into a stop string or a <tool_call> with the next piece.
         end = len(self.text) if self.stopped else len(self.text) - partial_marker(self.text, self.markers)
-        answer = answer_start(self.text, done=False)
+        answer = answer_start(self.text, done=False, thinking_open=self.thinking_open)
         if self.tools and answer is not None and (call := self.text.find(TOOL_CALL_START, max(self.sent, answer))) >= 0:
             end = min(end, call)
         safe = self.text[self.sent:max(end, self.sent)]
@@ -182,42 +202,12 @@ class ReplyText:
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The text not sent yet, less the answer's parseable tool calls, and those calls in OpenAI's shape."""
         rest, self.sent = self.text[self.sent:], len(self.text)
-        answer = answer_start(self.text)
+        answer = answer_start(self.text, thinking_open=self.thinking_open)
         if not self.tools or answer is None:
             return rest, []
         thinking = max(0, answer - (len(self.text) - len(rest)))  # the part of rest still inside the think block
         kept, calls = split_tool_calls(rest[thinking:])
         return rest[:thinking] + kept, calls
-
-
-def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """``text`` without its ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, and those calls as
-    OpenAI's ``tool_calls``. A block whose JSON does not parse as a call stays in the text."""
-    kept, calls, end = [], [], 0
-    for block in TOOL_CALL.finditer(text):
-        if (call := parse_tool_call(block.group(1))) is not None:
-            kept.append(text[end:block.start()])
-            calls.append(call)
-            end = block.end()
-    kept.append(text[end:])
-    return "".join(kept), calls
-
-
-def parse_tool_call(body: str) -> dict[str, Any] | None:
-    """One call in OpenAI's shape, or None when ``body`` is not ``{"name": ..., "arguments": {...}}`` JSON."""
-    try:
-        call = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
-        return None
-    arguments = call.get("arguments", {})
-    if isinstance(arguments, dict):
-        arguments = json.dumps(arguments, ensure_ascii=False)  # OpenAI's clients expect a JSON string
-    elif not isinstance(arguments, str):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": call["name"], "arguments": arguments}}
 
 
 class RequireApiKey:
@@ -300,10 +290,11 @@ def create_app(model, tokenizer, model_name: str = "minimind", max_tokens: int =
 class Job:
     """A checked request, ready to generate: its prompt tokenized, its stop strings prepared (``ReplyStream``)."""
 
-    def __init__(self, req: ChatRequest, stream: ReplyStream, model_name: str):
+    def __init__(self, req: ChatRequest, stream: ReplyStream, model_name: str, thinking_open: bool):
         self.req, self.stream, self.model_name = req, stream, req.model or model_name
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
-        self.text = ReplyText(req.stop, bool(req.tools))
+        self.thinking_open = thinking_open  # the prompt opened the think block: the reply starts inside it
+        self.text = ReplyText(req.stop, bool(req.tools), thinking_open)
 
 
 def prepare(req: ChatRequest, model, tokenizer, max_tokens: int, model_name: str) -> Job:
@@ -313,13 +304,13 @@ def prepare(req: ChatRequest, model, tokenizer, max_tokens: int, model_name: str
     requested = req.max_completion_tokens or req.max_tokens
     if requested and requested > max_tokens:
         raise ApiError(400, f"max_tokens is {requested}, this server allows at most {max_tokens}", "max_tokens")
-    prompt = chat_prompt(tokenizer, [m.for_template() for m in req.messages], req.tools or None)
+    prompt = chat_prompt(tokenizer, [m.for_template() for m in req.messages], req.tools or None, req.thinking())
     prompt_tokens = len(tokenizer(prompt, add_special_tokens=False).input_ids)
     budget = reply_budget(prompt_tokens, requested, max_tokens, model.config.max_position_embeddings)
     temperature = 0.85 if req.temperature is None else req.temperature
     config = generation_config(tokenizer, budget, temperature, 0.85 if req.top_p is None else req.top_p)
     config.stop_strings = req.stop or None  # generation ends at a stop string; ReplyText cuts the text before it
-    return Job(req, ReplyStream(model, tokenizer, prompt, config), model_name)
+    return Job(req, ReplyStream(model, tokenizer, prompt, config), model_name, opens_thinking(prompt))
 
 
 def reply_budget(prompt_tokens: int, requested: int | None, max_tokens: int, context: int) -> int:
@@ -357,12 +348,10 @@ async def complete(job: Job, lock: asyncio.Lock, request: Request) -> dict[str, 
                     return None
                 sent.append(piece)
     rest, calls = job.text.finish()
-    reasoning, answer = split_reasoning("".join(sent) + rest)
-    message = {"role": "assistant", "content": answer}
+    reasoning, answer = split_reasoning("".join(sent) + rest, thinking_open=job.thinking_open)
+    message = assistant_turn(answer, calls)
     if reasoning:
         message["reasoning_content"] = reasoning
-    if calls:
-        message.update(content=answer.strip() or None, tool_calls=calls)
     return {"id": job.id, "object": "chat.completion", "created": int(time.time()), "model": job.model_name,
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(job, calls)}],
             "usage": usage(job.stream)}
@@ -393,7 +382,7 @@ async def events(job: Job, lock: asyncio.Lock) -> AsyncIterator[str]:
     try:
         async with lock:
             seed(job)
-            split = ReasoningSplit()
+            split = ReasoningSplit(job.thinking_open)
             async with aclosing(safe_text(job.stream, job.text)) as pieces:
                 yield chunk(job, {"role": "assistant", "content": ""})
                 async for piece in pieces:

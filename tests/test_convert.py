@@ -1,5 +1,6 @@
 """scripts/convert_model.py: ours -> transformers -> ours is exact, and the folder works in plain transformers."""
 
+import errno
 import json
 import os
 import runpy
@@ -88,6 +89,23 @@ def test_cli_converts_both_ways(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="exists"):
         main()  # never overwrites without --overwrite
 
+
+
+def test_a_full_disk_at_the_final_save_is_one_line(tmp_path, monkeypatch):
+    tiny_checkpoint(tmp_path)
+    main = runpy.run_path(str(REPO_ROOT / "scripts" / "convert_model.py"))["main"]
+
+    def disk_full(obj, f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)  # what atomic_save writes the .pth with
+    monkeypatch.setattr(sys, "argv", ["convert_model.py", "--load_from", str(tmp_path / "full_sft_64.pth"),
+                                      "--out_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    message = str(stop.value.code)
+    assert message.startswith("error: No space left on the device to save ") and "\n" not in message
+    assert str(tmp_path / "converted_64.pth") in message and not (tmp_path / "converted_64.pth").exists()
 
 def test_exported_folder_runs_in_plain_transformers_like_ours(tmp_path):
     tokenizer = load_tokenizer()

@@ -1,20 +1,29 @@
 """The training engine, in process, on a tiny model and synthetic rows (fp32, CPU: every run is deterministic)."""
 
+import io
 import math
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.weights import load_weights
 from tests.ddp_train import TokenRows, prompt_rows, tiny_args, token_rows
 from trainer import Stage, TrainingDiverged, lm_loss, lr_at, train
-from trainer.checkpoint import load_resume
+from trainer.checkpoint import load_resume, rescaled_step
 import trainer.args
-import trainer.engine
+import trainer.checkpoint
+import trainer.data
 from dataset import DataError
-from trainer.engine import load_start_weights, rescaled_step
+from trainer.data import plan_steps
+from trainer.engine import load_start_weights
+from trainer.runtime import CtrlC
+from trainer.step import progress_text
 
 
 def tiny_model(**overrides) -> MiniMindForCausalLM:
@@ -217,7 +226,7 @@ def bad_row_at(read: int) -> type[TokenRows]:
 def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path, monkeypatch, workers):
     """Reads are in order (a worker prefetches, but the batches arrive in order): read 13 is the first row of step 4.
     From a worker the error comes wrapped in its traceback; the message keeps only the error."""
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)  # it would read rows ahead
+    monkeypatch.setattr(trainer.data, "check_supervision", lambda *args: None)  # it would read rows ahead
     rows = bad_row_at(13)
     with pytest.raises(DataError) as err:
         train(Stage("pretrain", lambda args, tok: rows()), tiny_args("--out_dir", str(tmp_path), "--num_workers", workers))
@@ -227,7 +236,7 @@ def test_a_bad_row_mid_epoch_keeps_the_steps_done_and_says_how_to_go_on(tmp_path
 
 
 def test_a_bad_first_row_of_a_new_run_leaves_the_old_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)
+    monkeypatch.setattr(trainer.data, "check_supervision", lambda *args: None)
     train(Stage("pretrain", token_rows), tiny_args("--out_dir", str(tmp_path), "--max_steps", "2"))
     before = (tmp_path / "pretrain_64.pth").read_bytes()
     rows = bad_row_at(1)
@@ -284,7 +293,7 @@ def test_a_new_global_batch_resumes_at_the_same_row_end_to_end(tmp_path, monkeyp
     with batch 4 the run must go on with rows 16-19 of epoch 1's order."""
     from torch.utils.data import DistributedSampler
 
-    monkeypatch.setattr(trainer.engine, "check_supervision", lambda *args: None)
+    monkeypatch.setattr(trainer.data, "check_supervision", lambda *args: None)
     reads = []
 
     class Recorded(TokenRows):
@@ -353,3 +362,88 @@ def test_held_out_rows_whose_documents_cover_the_data_are_a_clear_error(tmp_path
     with pytest.raises(DataError, match=r"--eval_size 1 leaves no rows to train on \(with the \d+ that share"):
         train(stage, tiny_args("--out_dir", str(tmp_path), "--eval_size", "1"))
     assert "rows share a document with held-out rows: left out of training" in capsys.readouterr().out
+
+
+def test_the_time_budget_is_honoured_within_one_step_and_the_plan_says_its_steps(tmp_path, capsys):
+    """Steps of >= 0.2 s and a 1 s budget (set-up counted): the run stops within a step of it, not at the next log
+    point (--log_interval 100), and saves there. The start-up line says what decided the number of steps."""
+    def slow_loss(model, batch):
+        time.sleep(0.2)
+        return lm_loss(model, batch)
+
+    result = train(Stage("pretrain", token_rows, loss_fn=slow_loss),
+                   tiny_args("--out_dir", str(tmp_path), "--epochs", "10", "--max_steps", "50", "--log_interval", "100",
+                             "--time_budget", "1"))
+    assert result.stopped == "time_budget" and 1 <= result.steps <= 5
+    assert resume_state(tmp_path)["step"] == result.steps and [r["step"] for r in result.history] == [result.steps]
+    out = capsys.readouterr().out
+    assert "50 steps of 4 rows (--max_steps 50; an epoch is 16), at most 1s (--time_budget)" in out
+    assert f"[time] --time_budget 1s reached at step {result.steps}/50; saved step {result.steps}" in out
+
+
+def test_the_plan_names_what_decided_its_steps():
+    assert plan_steps(64, 4, 1, 1, epochs=2, max_steps=0).describe() == "32 steps of 4 rows (2 epochs of 16)"
+    assert plan_steps(64, 4, 1, 1, epochs=2, max_steps=300).describe() == \
+        "32 steps of 4 rows (2 epochs of 16; --max_steps 300 is more than the data makes)"
+    assert plan_steps(64, 2, 2, 2, epochs=1, max_steps=5).describe() == \
+        "5 steps of 8 rows (--max_steps 5; an epoch is 8)"
+
+
+def test_a_kill_between_the_weights_and_the_resume_file_is_mended_on_resume(tmp_path, monkeypatch, capsys):
+    """The save at step 4 writes the weights, then dies writing the resume file (as kill -9 would: its temp file
+    stays). Resuming finds a weights file newer than the resume file (step 2) and writes both again from the resume
+    state; the next save also clears the temp files such kills left."""
+    real_save_resume, saves = trainer.checkpoint.save_resume, 0
+
+    def killed_at_the_second_save(path, **state):
+        nonlocal saves
+        saves += 1
+        if saves == 2:
+            (path.parent / f".{path.name}.k1ll3d.tmp").write_bytes(b"half a resume file")
+            raise SystemExit("killed")
+        real_save_resume(path, **state)
+
+    monkeypatch.setattr(trainer.checkpoint, "save_resume", killed_at_the_second_save)
+    flags = ("--out_dir", str(tmp_path), "--max_steps", "4", "--save_interval", "2")
+    with pytest.raises(SystemExit):
+        train(Stage("pretrain", token_rows), tiny_args(*flags))
+    monkeypatch.undo()
+    (tmp_path / ".pretrain_64.pth.0ld.tmp").write_bytes(b"half a weights file")  # an older kill's
+    assert resume_state(tmp_path)["step"] == 2
+
+    result = train(Stage("pretrain", token_rows), tiny_args(*flags, "--max_steps", "2", "--from_resume", "1"))
+    assert result.steps == 2 and "is not the file saved with" in capsys.readouterr().out
+    weights, resumed = torch.load(tmp_path / "pretrain_64.pth", weights_only=True), resume_state(tmp_path)
+    assert resumed["step"] == 2
+    assert all(torch.equal(weights[k], v.to(weights[k].dtype)) for k, v in resumed["model"].items())
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["pretrain_64.json", "pretrain_64.pth", "pretrain_64_resume.pth"]  # no temp file left
+    train(Stage("pretrain", token_rows), tiny_args(*flags, "--max_steps", "2", "--from_resume", "1"))
+    assert "is not the file saved with" not in capsys.readouterr().out  # they agree now
+
+
+def test_the_first_ctrl_c_is_a_request_and_the_second_aborts():
+    usual = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, wherever pytest runs
+    try:
+        with CtrlC(announce=False) as ctrl_c:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert ctrl_c.pressed
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the usual Ctrl-C again
+    finally:
+        signal.signal(signal.SIGINT, usual)
+
+
+def test_the_bar_shows_four_digits_and_leaves_room_for_the_bar_on_140_columns():
+    """DPO logs four metrics of its own, in training and in eval: none of them may squash the bar."""
+    metrics = ("reward_margin", "chosen_reward", "rejected_reward", "accuracy", "grad_norm")
+    record = {"loss": 4.0012, "eval/loss": 4.001, "lr": 5e-6, "tokens_per_s": 123456.0, "mfu": 0.4321,
+              **{f"train/{k}": 0.123456 for k in metrics}, **{f"eval/{k}": 0.654321 for k in metrics[:4]}}
+    assert "loss 4.001 eval_loss 4.001" in progress_text(record)
+    screen = io.StringIO()
+    with tqdm(total=200, ncols=140, file=screen, mininterval=0, ascii=True) as bar:
+        bar.set_postfix_str(progress_text(record))
+        bar.update(90)
+    line = screen.getvalue().split("\r")[-1].strip()
+    assert len(line) <= 140 and line.count("#") >= 10, line

@@ -23,7 +23,7 @@ from model.weights import load_weights, save_weights
 from model.model_lora import DoRALinear, LoRALinear, load_lora, read_lora_file
 from trainer import Stage, train
 from trainer.args import model_config
-from trainer.engine import evaluate
+from trainer.step import evaluate
 from trainer.runtime import Runtime
 from trainer.train_dpo import dpo_loss, dpo_stage, pair_collate, sequence_logps
 from trainer.train_dpo import parse as parse_dpo
@@ -143,7 +143,7 @@ def test_dpo_eval_is_a_mean_over_pairs_when_the_last_batch_is_smaller():
     rows = [torch.randint(3, 6400, (16,)) for _ in range(10)]
     pairs = [{"chosen_input_ids": c, "chosen_labels": c, "rejected_input_ids": r, "rejected_labels": r}
              for c, r in zip(rows[::2], rows[1::2])]
-    got = evaluate(model, stage, pairs, Namespace(batch_size=4), Runtime(torch.device("cpu"), torch.float32))
+    got = evaluate(model, stage, pairs, 4, Runtime(torch.device("cpu"), torch.float32))
     per_pair = [stage.loss_fn(model, pair_collate([pair]))[0].item() for pair in pairs]
     assert got["eval/loss"] == pytest.approx(sum(per_pair) / 5, rel=1e-5)  # 5 pairs in batches of 4 + 1
 

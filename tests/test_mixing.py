@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch.utils.data import Dataset, Subset
 
-from dataset import DataError, MixedRows, SFTDataset
+from dataset import DataError, MixedRows, SFTDataset, pad_collate
 from model.loading import load_tokenizer
 from tests.ddp_train import TokenRows, tiny_args
 from tests.test_engine import failing_loss, losses
 from trainer import Stage, train
 from trainer.chat_data import chat_data
-from trainer.engine import split_data
+from trainer.data import split_data
 from trainer.runtime import Runtime
 from trainer.train_lora import parse as parse_lora
 
@@ -136,8 +136,8 @@ def test_held_out_rows_come_from_the_main_file_and_the_flags_reach_the_datasets(
     tok = load_tokenizer()
     args = lora_args(files, "--mix_data", str(files / "general.jsonl"), "--loss_turns", "last")
     assert args.mix_ratio == 0.2
-    stage = Stage("lora", chat_data)
-    train_set, eval_set = split_data(stage, args, tok, Runtime(torch.device("cpu"), torch.float32))
+    train_set, eval_set = split_data(chat_data(args, tok), args.eval_size, args.seed, pad_collate,
+                                     Runtime(torch.device("cpu"), torch.float32), args.data_path)
     assert isinstance(train_set, MixedRows) and isinstance(train_set.main, Subset)
     main = train_set.main.dataset
     assert main.path == files / "domain.jsonl" and train_set.mix.path == files / "general.jsonl"

@@ -9,16 +9,12 @@ import pytest
 import torch
 from nbclient import NotebookClient
 
-from model import MiniMindConfig, MiniMindForCausalLM
-from model.files import checkpoint_path
-from model.loading import load_tokenizer
-from model.weights import save_weights
+from model import MiniMindForCausalLM
+from model.loading import load_model, load_tokenizer, random_checkpoint
 
 HANDS_ON = Path(__file__).resolve().parents[1] / "hands-on"
 CLASSIFICATION = HANDS_ON / "classification"
 NOTEBOOKS = sorted(HANDS_ON.rglob("*.ipynb"))
-# The shape the notebooks' SMOKE parameters name (hidden 64, 2 layers; heads etc. at their defaults).
-SMOKE_CONFIG = dict(hidden_size=64, num_hidden_layers=2)
 
 
 def _load_cls_utils():
@@ -34,11 +30,9 @@ cls_utils = _load_cls_utils()
 
 @pytest.fixture(scope="module")
 def smoke_env(tmp_path_factory):
-    """A checkpoint dir holding a tiny random chat model, and the environment that points the notebooks at it."""
+    """An empty checkpoint dir and the environment that points the notebooks at it: smoke mode makes its own tiny
+    model (in <dir>/smoke/, like everything else it writes)."""
     out = tmp_path_factory.mktemp("out")
-    config = MiniMindConfig(**SMOKE_CONFIG, vocab_size=len(load_tokenizer()))
-    torch.manual_seed(0)
-    save_weights(MiniMindForCausalLM(config), checkpoint_path("full_sft", config, out))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SMOKE", "1")
         mp.setenv("MINIMIND_OUT_DIR", str(out))
@@ -62,15 +56,27 @@ def test_notebooks_are_committed_without_outputs():
 
 def test_sampling_notebook(smoke_env):
     execute(HANDS_ON / "sampling.ipynb")
+    assert [p.name for p in smoke_env.iterdir()] == ["smoke"]  # its model too: out/smoke/, not out/
 
 
 def test_classification_notebooks(smoke_env):
     """Split → prompting → fine-tuning (engine, 2 steps each) → results, in order: each reads what the last wrote."""
     for name in ["01_split", "02_prompting", "03_finetune", "04_results"]:
         execute(CLASSIFICATION / f"{name}.ipynb")
-    methods = {r["method"] for r in cls_utils.load_results(smoke_env / "classification")}
+    assert [p.name for p in smoke_env.iterdir()] == ["smoke"]  # split, results, checkpoints: never beside a real run's
+    methods = {r["method"] for r in cls_utils.load_results(smoke_env / "smoke" / "classification")}
     assert {"zero-shot", "few-shot", "full SFT", "SFT, lower half frozen", "label-token classifier"} <= methods
     assert any(m.startswith("LoRA") for m in methods)
+
+
+def test_the_smoke_model_is_made_once_and_leaves_the_rng_alone(tmp_path):
+    rng = torch.get_rng_state()
+    path = random_checkpoint(tmp_path, 64, 2)
+    assert torch.equal(torch.get_rng_state(), rng)  # a notebook's seeded sampling after it is unchanged
+    written = path.stat().st_mtime_ns
+    assert random_checkpoint(tmp_path, 64, 2) == path and path.stat().st_mtime_ns == written  # a model there is kept
+    model, _ = load_model("full_sft", hidden_size=64, directory=tmp_path, device="cpu")
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (64, 2)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

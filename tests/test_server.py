@@ -319,7 +319,7 @@ def test_reasoning_comes_back_as_reasoning_content(app, monkeypatch, capsys):
         assert "".join(getattr(d, "reasoning_content", None) or "" for d in chunks) == message.reasoning_content
         assert "".join(d.content or "" for d in chunks) == "Paris."
         capsys.readouterr()
-        answer = reply(client, Namespace(model="minimind", temperature=0.85, max_tokens=8), ask["messages"])
+        answer = reply(client, Namespace(model="minimind", temperature=0.85, max_tokens=8), ask["messages"])["content"]
         assert answer == "Paris."  # what goes into the history: the thinking stays out
         assert capsys.readouterr().out == "🤖: (thinking) Paris is the capital of France.\nParis.\n"
 

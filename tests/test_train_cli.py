@@ -3,8 +3,12 @@
 import json
 import os
 import random
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -16,7 +20,8 @@ from model import MiniMindConfig, MiniMindForCausalLM
 from model.files import REPO_ROOT
 from model.loading import load_tokenizer
 from model.weights import load_weights, save_weights, vocab_fingerprint
-from trainer import build_parser, parse_args
+from trainer import Result, build_parser, parse_args
+from trainer.cli import what_next
 from trainer.train_full_sft import sft_file
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--max_seq_len", "64", "--batch_size", "4",
@@ -166,3 +171,134 @@ def test_a_missing_or_misfit_start_checkpoint_is_one_line_not_a_traceback(tmp_pa
     result = run_script("train_full_sft.py", *TINY, "--out_dir", str(tmp_path), "--from_weight", str(other))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: checkpoint {other} does not fit this model" in result.stderr
+
+
+def start_script(script: str, *flags: str) -> subprocess.Popen:
+    """Started with Ctrl-C's usual meaning, even where pytest runs as a shell's background job (SIGINT ignored)."""
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / script), *flags], cwd=REPO_ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``path`` exists (the run is in its loop: it saved a step), or fail with what the process said."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"no {path}: {proc.communicate()}")
+        time.sleep(0.05)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_prints_the_command_that_continues(tmp_path):
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": f"row {i}: the cat sat on the mat " * 10} for i in range(40)])
+    out = tmp_path / "out"
+    flags = [*TINY, "--data_path", str(text), "--out_dir", str(out), "--epochs", "1000", "--max_steps", "0",
+             "--save_interval", "1"]
+    proc = start_script("trainer/train_pretrain.py", *flags)
+    wait_for(out / "pretrain_64_resume.pth", proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    saved = torch.load(out / "pretrain_64_resume.pth", weights_only=True)["step"]
+    assert re.search(rf"\[interrupt\] Ctrl-C at step {saved}/\d+; saved step {saved}\n", stdout), stdout
+    assert "Traceback" not in stderr
+    command = stdout.split("continue this run: ")[1].splitlines()[0]
+    assert command == shlex.join(["python", str(REPO_ROOT / "trainer/train_pretrain.py"), *flags, "--from_resume", "1"])
+
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:], "--max_steps", str(saved + 2)],
+                             cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {saved}/{saved + 2}" in resumed.stdout and f"done: {saved + 2} steps" in resumed.stdout
+    assert f"next: python trainer/train_full_sft.py --hidden_size 64 --num_hidden_layers 2 --out_dir {out}" \
+        in resumed.stdout
+
+
+def test_ctrl_c_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGINT to rank 1 alone: rank 0 hears of it through the per-step all-reduce, so both stop after the same
+    step and rank 0 saves it (a rank stopping alone would leave the other waiting at its next all-reduce)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    history = tmp_path / "history.json"
+    flags = ["--out_dir", str(tmp_path), "--epochs", "1000", "--max_steps", "100000", "--save_interval", "1",
+             "--batch_size", "2"]
+    proc = subprocess.Popen([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                             str(REPO_ROOT / "tests" / "ddp_train.py"), str(history), *flags],
+                            cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "pretrain_64_resume.pth", proc)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()  # torchrun's (Linux)
+    rank_1 = next(pid for pid in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes())
+    os.kill(int(rank_1), signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    saved = torch.load(tmp_path / "pretrain_64_resume.pth", weights_only=True)["step"]
+    assert json.loads(history.read_text())[-1]["step"] == saved
+    assert f"[interrupt] Ctrl-C at step {saved}/" in stdout
+
+
+def test_a_bad_value_is_one_line_and_a_mistyped_flag_names_the_close_one(tmp_path, capsys):
+    parser = build_parser("t")
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("not a folder")
+    for flags, message in [(["--batch_size", "0"], "--batch_size must be at least 1"),
+                           (["--out_dir", str(a_file)], f"cannot save checkpoints in {a_file}: it is a file"),
+                           (["--out_dir", str(a_file / "run1")], f"in {a_file / 'run1'}: {a_file} is a file"),
+                           (["--data_path", str(tmp_path / "missing.jsonl")], "data file not found")]:
+        with pytest.raises(SystemExit) as stop:
+            parse_args(parser, ["--device", "cpu", *flags], sft_file)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as stop:
+        parse_args(parser, ["--device", "cpu", "--batchsize", "4"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "usage:" in err and "unrecognized arguments: --batchsize 4 (did you mean " \
+        "--batch_size?)" in err
+
+
+def test_every_demo_stops_after_nine_minutes(tmp_path):
+    from trainer.train_dpo import parse as parse_dpo
+    from trainer.train_lora import parse as parse_lora
+
+    data = write_jsonl(tmp_path / "data.jsonl", [])
+    for parse in (parse_lora, parse_dpo):
+        assert parse(["--device", "cpu", "--data_path", str(data)]).time_budget == 540
+        assert parse(["--device", "cpu", "--data_path", str(data), "--time_budget", "0"]).time_budget == 0
+
+
+def stage_args(parse, *flags: str) -> Namespace:
+    return parse(["--device", "cpu", "--data_path", str(REPO_ROOT / "dataset" / "demo" / "sft.jsonl"), *flags])
+
+
+def test_a_finished_stage_names_the_next_and_a_cut_one_how_to_continue(tmp_path, monkeypatch):
+    """The printed commands are the ones the next scripts parse: checked by parsing them."""
+    import eval_llm
+    from trainer.train_dpo import parse as parse_dpo
+    from trainer.train_lora import parse as parse_lora
+
+    shape = ["--hidden_size", "64", "--use_moe", "1", "--out_dir", str(tmp_path / "my runs")]
+    sft = stage_args(parse_lora, *shape)  # a LoRA run's flags are a superset of full SFT's
+    sft.save_weight = "my_sft"
+    commands = what_next("full_sft", sft, Result(10, 0, 0.0, []), ["trainer/train_full_sft.py"]).splitlines()
+    assert [c.split()[:3] for c in commands] == [["next:", "python", "trainer/train_dpo.py"],
+                                                 ["next:", "python", "trainer/train_lora.py"],
+                                                 ["next:", "python", "eval_llm.py"]]
+    dpo = parse_dpo(shlex.split(commands[0])[3:])
+    assert (dpo.from_weight, dpo.hidden_size, dpo.use_moe, dpo.out_dir) == ("my_sft", 64, 1, str(tmp_path / "my runs"))
+    chat = eval_llm.parse_args(shlex.split(commands[2])[3:])
+    assert (chat.weight, chat.hidden_size, chat.out_dir) == ("my_sft", 64, str(tmp_path / "my runs"))
+
+    lora = stage_args(parse_lora, "--lora_name", "me")
+    [chat_line] = what_next("lora", lora, Result(10, 0, 0.0, []), ["trainer/train_lora.py"]).splitlines()
+    assert (eval_llm.parse_args(shlex.split(chat_line)[3:]).lora_weight, lora.from_weight) == ("me", "full_sft")
+    assert "--weight full_sft --lora_weight me" in chat_line
+
+    argv = ["trainer/train_pretrain.py", "--max_steps", "9", "--from_resume", "0", "--out_dir", "a b"]
+    cut = what_next("pretrain", Namespace(save_weight="pretrain", out_dir="a b"), Result(3, 0, 0.0, [], "time_budget"),
+                    argv)
+    assert cut.splitlines() == ["continue this run: python trainer/train_pretrain.py --max_steps 9 --out_dir 'a b' "
+                                "--from_resume 1",
+                                "next: python trainer/train_full_sft.py --out_dir 'a b'"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    interrupted = what_next("pretrain", Namespace(save_weight="pretrain"), Result(3, 0, 0.0, [], "interrupt"), argv)
+    assert interrupted == ("continue this run: torchrun --nproc_per_node 2 trainer/train_pretrain.py --max_steps 9 "
+                           "--out_dir 'a b' --from_resume 1")

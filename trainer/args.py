@@ -4,20 +4,43 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dataset import files as data_files
 from model import MiniMindConfig
 from model.devices import best_device
+from model.files import out_dir
 from model.weights import vocab_fingerprint
+
+DEMO_TIME_BUDGET = 540  # seconds: every stage's demo run stops after 9 minutes, whatever the machine
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse, whose error for a mistyped flag names the flag it was probably meant to be."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            known = [flag for action in self._actions for flag in action.option_strings]
+            typed = [word.split("=")[0] for word in message.split(": ", 1)[1].split() if word.startswith("--")]
+            close = [match for word in typed for match in difflib.get_close_matches(word, known, n=1)]
+            message += f" (did you mean {' / '.join(close)}?)" if close else ""
+        super().error(message)
+
+
+def fail(message: str) -> NoReturn:
+    """A flag with a bad value: one line, without the usage text (that is for flags argparse cannot parse)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     """The shared flags with a stage's own defaults (``lr``, ``epochs``, ...); a stage adds its own flags to it."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = FlagParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run = p.add_argument_group("run")
     run.add_argument("--epochs", type=int, default=1)
     run.add_argument("--batch_size", type=int, default=32, help="rows per micro-batch per GPU")
@@ -27,7 +50,9 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0: off)")
     run.add_argument("--max_steps", type=int, default=0,
                      help="train this many optimizer steps (0: all epochs); the LR schedule spans them")
-    run.add_argument("--time_budget", type=float, default=0, help="stop after this many seconds (0: no limit)")
+    run.add_argument("--time_budget", type=float, default=0,
+                     help="stop after this many seconds, set-up included: checked after every step; the run then "
+                          "evaluates, saves and prints the --from_resume 1 command (0: no limit)")
     run.add_argument("--seed", type=int, default=42)
     run.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best there is)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -67,7 +92,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
 
     log = p.add_argument_group("progress and logging")
     log.add_argument("--log_interval", type=int, default=100,
-                     help="steps between progress updates, NaN checks and --time_budget checks (0: at saves only)")
+                     help="steps between progress updates and NaN checks (0: at saves only)")
     log.add_argument("--eval_interval", type=int, default=500, help="steps between held-out evals (0: end only)")
     log.add_argument("--eval_size", type=int, default=200, help="rows held out for eval (0: no eval)")
     log.add_argument("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
@@ -99,25 +124,28 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     args = parser.parse_args(argv)
     for flag in ("batch_size", "accumulation_steps", "epochs", "max_seq_len"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
+            fail(f"--{flag} must be at least 1")
     for flag in ("max_steps", "warmup_iters", "save_interval", "log_interval", "eval_interval", "eval_size"):
         if getattr(args, flag) < 0:
-            parser.error(f"--{flag} must not be negative (0: see --help)")
+            fail(f"--{flag} must not be negative (0: see --help)")
     if args.compile_mode != "default" and not args.use_compile:
-        parser.error(f"--compile_mode {args.compile_mode} needs --use_compile 1")
+        fail(f"--compile_mode {args.compile_mode} needs --use_compile 1")
     if args.compile_mode == "reduce-overhead" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        parser.error("--compile_mode reduce-overhead (CUDA graphs) does not work with DDP's gradient hooks: "
-                     "use --compile_mode default under torchrun")
+        fail("--compile_mode reduce-overhead (CUDA graphs) does not work with DDP's gradient hooks: use "
+             "--compile_mode default under torchrun")
+    if problem := unwritable(folder := out_dir(args.out_dir)):
+        fail(f"cannot save checkpoints in {folder}: {problem} (--out_dir picks another folder)")
     demo_data = False
     if data_file is not None:
         try:
             path = data_file(args)
         except FileNotFoundError as e:
-            parser.error(str(e))
+            fail(str(e))
         demo_data = args.data_path is None and data_files.is_demo_file(path)
         args.data_path = str(path)  # a str: args go into resume files and loggers
     on_cpu = (args.device or best_device()) == "cpu"
     if demo and (on_cpu or demo_data):
+        demo = {**demo, "time_budget": demo.get("time_budget", DEMO_TIME_BUDGET)}
         with_demo = copy.deepcopy(parser)
         with_demo.set_defaults(**demo)
         demo_args = vars(with_demo.parse_args(argv))  # a typed flag still wins over a default
@@ -131,3 +159,15 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
             print(f"{why}: a demo-sized run ({flags}). Type any of these flags to choose yourself; "
                   f"MiniMind's full run wants {full}.")
     return args
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why checkpoints cannot be written to ``folder`` (made when first needed), or None: found at start-up rather
+    than at the first save."""
+    for existing in (folder, *folder.parents):
+        if existing.exists():
+            what = "it" if existing == folder else str(existing)
+            if not existing.is_dir():
+                return f"{what} is a file"
+            return None if os.access(existing, os.W_OK | os.X_OK) else f"{what} is not writable"
+    return None

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 from dataset import IGNORE_INDEX, DPODataset, pad_collate, resolve_data_path
 from trainer import Stage, build_parser, parse_args, run
-from trainer.engine import Batch
+from trainer.stage import Batch
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, length_norm: bool = False) -> torch.Tensor:

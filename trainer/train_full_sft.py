@@ -2,6 +2,7 @@
 
     python trainer/train_full_sft.py                         # after train_pretrain.py; no data or no GPU: demo-sized
     python trainer/train_full_sft.py --data_path dataset/sft_mini_512.jsonl   # GPU: MiniMind's recipe
+    python trainer/train_full_sft.py --data_path dataset/sft_t2t_mini.jsonl --empty_think_ratio 0.2   # minimind-3's
     python trainer/train_full_sft.py --data_path domain.jsonl --mix_data dataset/sft_mini_512.jsonl --mix_ratio 0.2
 """
 
@@ -23,9 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     add_chat_data_args(parser)
     # The demo pretrain is short: at MiniMind's 1e-5 a few hundred SFT steps change nothing visible.
     args = parse_args(parser, argv, sft_file, demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-4,
-                                                        max_steps=200, time_budget=540, log_interval=10,
-                                                        eval_interval=100, eval_size=32))
-    check_chat_data_args(parser, args)
+                                                        max_steps=200, log_interval=10, eval_interval=100,
+                                                        eval_size=32))
+    check_chat_data_args(args)
     run(Stage("full_sft", chat_data), args)
 
 

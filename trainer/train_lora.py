@@ -20,6 +20,7 @@ from dataset import files as data_files
 from model import MiniMindConfig
 from model.model_lora import DEFAULT_TARGETS, LAYER_TYPES, apply_lora, lora_path, lora_summary, save_lora
 from trainer import Stage, build_parser, parse_args, run
+from trainer.args import fail
 from trainer.chat_data import add_chat_data_args, chat_data, check_chat_data_args
 
 
@@ -77,8 +78,8 @@ def parse(argv: list[str] | None = None) -> Namespace:
                                                          max_steps=150, log_interval=10, eval_interval=50,
                                                          eval_size=16))
     if args.save_hf:
-        parser.error("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
-    check_chat_data_args(parser, args)
+        fail("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
+    check_chat_data_args(args)
     return args
 
 

@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--doc_mask", action="store_true",
                         help="packed rows: attend within each document only (positions restart per document)")
     args = parse_args(parser, argv, pretrain_file, demo=dict(batch_size=8, accumulation_steps=1, max_seq_len=256,
-                                                             max_steps=300, time_budget=540, log_interval=10,
-                                                             eval_interval=100, eval_size=64))
+                                                             max_steps=300, log_interval=10, eval_interval=100,
+                                                             eval_size=64))
     run(Stage("pretrain", pretrain_data), args)
 
 

@@ -70,67 +70,8 @@ class TokenizerError(RuntimeError):
     """A tokenizer that cannot be built or saved as asked; main() prints the message instead of a traceback."""
 
 
-# ChatML. Plain conversations render as exact ChatML; tools (a `tools=` argument or a system turn's `tools` field),
-# assistant `tool_calls` / `reasoning_content` and `tool` turns render the Qwen3 / minimind-3 way. Parsed JSON
-# (lists of dicts) is the canonical input; raw JSON strings, as stored in MiniMind's files, are written verbatim.
-CHAT_TEMPLATE = """\
-{%- if not tools and messages and messages[0].role == 'system' and messages[0].tools %}
-    {%- set tools = messages[0].tools %}
-{%- endif %}
-{%- if tools %}
-    {%- set ns = namespace(block='# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n\
-You are provided with function signatures within <tools></tools> XML tags:\\n<tools>') %}
-    {%- if tools is string %}
-        {%- set ns.block = ns.block + '\\n' + tools %}
-    {%- else %}
-        {%- for tool in tools %}
-            {%- set ns.block = ns.block + '\\n' + tool | tojson %}
-        {%- endfor %}
-    {%- endif %}
-    {%- set ns.block = ns.block + '\\n</tools>\\n\\nFor each function call, return a json object with function name and \
-arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, "arguments": \
-<args-json-object>}\\n</tool_call>' %}
-    {%- if messages[0].role != 'system' %}
-        {{- '<|im_start|>system\\n' + ns.block + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- set content = message.content if message.content is string else '' %}
-    {%- if message.role == 'system' and loop.first and tools %}
-        {{- '<|im_start|>system\\n' + (content + '\\n\\n' if content else '') + ns.block + '<|im_end|>\\n' }}
-    {%- elif message.role == 'assistant' %}
-        {{- '<|im_start|>assistant\\n' }}
-        {%- if message.reasoning_content %}
-            {{- '<think>\\n' + message.reasoning_content.strip('\\n') + '\\n</think>\\n\\n' }}
-        {%- endif %}
-        {{- content }}
-        {%- if message.tool_calls is string %}
-            {{- ('\\n' if content else '') + '<tool_call>\\n' + message.tool_calls + '\\n</tool_call>' }}
-        {%- elif message.tool_calls %}
-            {%- for call in message.tool_calls %}
-                {%- set call = call.function if call.function is defined else call %}
-                {%- set args = call.arguments if call.arguments is string else call.arguments | tojson %}
-                {{- ('\\n' if content or not loop.first else '') + '<tool_call>\\n{"name": ' + call.name | tojson }}
-                {{- ', "arguments": ' + args + '}\\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == 'tool' %}
-        {%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' }}
-        {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- else %}
-        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+# ChatML with minimind-3's tool and reasoning blocks: the shipped template is the one source of it.
+CHAT_TEMPLATE = (MODEL_DIR / "chat_template.jinja").read_text(encoding="utf-8")
 
 
 def python_sources(cap_bytes: int = CODE_CAP_BYTES) -> Iterator[str]:

@@ -30,12 +30,14 @@ ALIASES = {"唐诗": "Tang shi", "宋词": "Song ci", "论语": "Analects", "诗
 # data
 
 
-def resolve_out_dir(path: str | os.PathLike) -> Path:
+def resolve_out_dir(path: str | os.PathLike, smoke: bool = False) -> Path:
     """The checkpoint folder as ``model.files.out_dir`` finds it: a relative path in the current directory if it
     is there, else in the repo root. Kept here so the notebooks that need no model (01, 04) start without importing
-    torch and transformers."""
+    torch and transformers. ``smoke``: its ``smoke/`` subfolder, so a SMOKE=1 run's split, results and checkpoints
+    never mix with a real run's."""
     path = Path(path).expanduser()
-    return path.resolve() if path.is_absolute() or path.exists() else REPO_ROOT / path
+    path = path.resolve() if path.is_absolute() or path.exists() else REPO_ROOT / path
+    return path / "smoke" if smoke else path
 
 
 def load_poetry(path: str | os.PathLike = POETRY_CSV) -> pd.DataFrame:
