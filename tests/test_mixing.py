@@ -15,6 +15,7 @@ from dataset import DataError, MixedRows, SFTDataset, pad_collate
 from model.loading import load_tokenizer
 from tests.ddp_train import TokenRows, tiny_args
 from tests.test_engine import failing_loss, losses
+from tests.test_lora_dpo_train import run_cli
 from trainer import Stage, train
 from trainer.chat_data import chat_data
 from trainer.data import split_data
@@ -154,6 +155,16 @@ def test_realised_share_through_the_lora_stage(files, tmp_path, capsys):
                      "--out_dir", str(tmp_path), "--lora_rank", "2")
     train(LORA, args)
     assert "[mix] epoch 1: 10 of 50 rows (20.0%) from --mix_data (--mix_ratio 0.2)" in capsys.readouterr().out
+
+
+def test_realised_share_counts_the_rows_of_every_rank(files, tmp_path):
+    """Two gloo processes train 25 of the 50 rows each: the printed share is over both."""
+    flags = ["--hidden_size", "64", "--num_hidden_layers", "2", "--data_path", str(files / "domain.jsonl"),
+             "--device", "cpu", "--dtype", "float32", "--max_seq_len", "64", "--eval_size", "4", "--batch_size", "5",
+             "--mix_data", str(files / "general.jsonl"), "--from_weight", "none", "--max_steps", "1",
+             "--out_dir", str(tmp_path), "--lora_rank", "2"]
+    out = run_cli("train_lora.py", flags, nproc=2)
+    assert "[mix] epoch 1: 10 of 50 rows (20.0%)" in out
 
 
 def test_a_mix_file_of_another_kind_is_refused_with_its_line(files):
