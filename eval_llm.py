@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.cli import HelpFormatter
 from model.generation import (ReasoningSplit, ReplyStream, chat_prompt, fit_history, generation_config, opens_thinking,
                               plain_prompt)
 from model.loading import add_model_args, model_from_args, weight_arg
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 DIM, PLAIN = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")  # a model's thinking is shown dimmed
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("generation (生成参数)")
     g.add_argument("--max_new_tokens", type=int, default=2048, help="reply length cap in tokens (MiniMind: 8192)")

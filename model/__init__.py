@@ -3,7 +3,7 @@ builds on files (paths, atomic writes), weights (state dicts), checkpoint_config
 tools a chat model may call (tools).
 
 The names below are imported on first use (PEP 562), so ``import model.tools`` (the chat client's tools) does not
-import torch; ``from model import MiniMindConfig`` works as ever."""
+import torch; ``from model import MiniMindConfig`` imports the model."""
 
 _EXPORTS = ("PRESETS", "MiniMindConfig", "MiniMindForCausalLM")
 __all__ = list(_EXPORTS)

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 # The training script that writes each stage's checkpoint, and the stage whose checkpoint it starts from (its default
 # --from_weight), for the "Make it with" hints.
 TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
-                 "full_dist": "train_distillation.py"}
-STARTS_FROM = {"full_sft": "pretrain", "dpo": "full_sft", "full_dist": "full_sft"}
+                 "full_dist": "train_distillation.py", "grpo": "train_grpo.py", "ppo_actor": "train_ppo.py"}
+STARTS_FROM = {"full_sft": "pretrain", "dpo": "full_sft", "full_dist": "full_sft", "grpo": "full_sft",
+               "ppo_actor": "full_sft"}
 MAKE_IT_WITH = "Make it with (in the repo root): "  # the rest of the line is the command, runnable as printed
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.

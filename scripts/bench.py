@@ -27,6 +27,7 @@ import torch
 
 from dataset import IGNORE_INDEX, PretrainDataset, pad_collate, resolve_data_path
 from model import MiniMindConfig, MiniMindForCausalLM
+from model.cli import HelpFormatter
 from model.flops import flops_per_token, peak_tflops
 from model.devices import best_device, resolve_dtype
 from model.loading import load_tokenizer
@@ -204,7 +205,7 @@ def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="minimind2-small")
     p.add_argument("--hidden_size", type=int)
     p.add_argument("--num_hidden_layers", type=int)

@@ -21,6 +21,7 @@ from typing import Any
 
 from openai import APIConnectionError, APIError, OpenAI
 
+from model.cli import HelpFormatter
 from model.tools import TOOLS, Toolbox, assistant_turn, chat_exchange
 
 
@@ -87,7 +88,7 @@ def prompts() -> Iterator[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--base_url", default="http://127.0.0.1:8998/v1")
     p.add_argument("--model", default="minimind")
     p.add_argument("--temperature", type=float, default=0.85)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 from dataset.cache import USER_CACHE_DIR, cache_files, stale_caches
 from dataset.files import DATA_DIR
+from model.cli import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--cache_dir", action="append",
                    help="a cache folder (default: every .cache folder under dataset/, and ~/.cache/minimind-lab)")
     p.add_argument("--delete", action="store_true", help="remove the stale caches")

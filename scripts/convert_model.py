@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.cli import HelpFormatter
 from model.export_gguf import save_gguf
 from model.files import checkpoint_path, out_dir, resolve_path
 from model.hf_interop import save_transformers
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--merge_lora", default=None, help="LoRA name or path to merge in first (same as --lora_weight)")
     p.add_argument("--output", default=None,

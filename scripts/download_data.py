@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dataset.files import DATA_DIR, KNOWN_FILES
+from model.cli import HelpFormatter
 
 DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
 CHUNK = 1 << 20
@@ -151,7 +152,7 @@ def print_list() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("files", nargs="*", help="file names in the repository (see --list)")
     parser.add_argument("--list", action="store_true", help="show the known dataset files and exit")
     parser.add_argument("--source", choices=["modelscope", "hf"], default="modelscope")

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from model.cli import HelpFormatter
 from model.loading import add_model_args, lora_arg, model_from_args, weight_arg
 
 if TYPE_CHECKING:
@@ -171,7 +172,7 @@ def markdown(rows: list[dict[str, Any]], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     b = p.add_argument_group("benchmark (评测任务)")
     b.add_argument("--tasks", default=",".join(MINIMIND_TABLE),

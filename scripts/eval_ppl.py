@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from dataset import (IGNORE_INDEX, DataError, PretrainDataset, SFTDataset, pad_collate, resolve_data_path,
                      train_eval_split)
+from model.cli import HelpFormatter
 from model.loading import add_model_args, model_from_args
 
 
@@ -108,7 +109,7 @@ def score(model: torch.nn.Module, rows: Dataset, byte_lengths: torch.Tensor, bat
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     d = p.add_argument_group("data (评测数据)")
     d.add_argument("--data_path", default="dataset/demo/pretrain.jsonl",

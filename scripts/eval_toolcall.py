@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from openai import APIConnectionError, APIError, OpenAI
 
+from model.cli import HelpFormatter
 from model.generation import ReplyStream, chat_prompt, generation_config, opens_thinking, split_reasoning
 from model.loading import add_model_args, model_from_args
 from model.tools import Toolbox, assistant_turn, malformed_tool_calls, split_tool_calls, tool_loop
@@ -239,7 +240,7 @@ def run_benchmark(cases: list[Case], ask: Ask, max_tool_rounds: int, verbose: bo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("an OpenAI-compatible endpoint instead of a checkpoint")
     g.add_argument("--base_url", default=None, help="e.g. http://127.0.0.1:8998/v1 (scripts/serve_openai_api.py)")

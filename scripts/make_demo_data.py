@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dataset.sources import SOURCES_DIR, chatterbot_dialogues, fetch_sources
+from model.cli import HelpFormatter
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,7 @@ POETRY_SPEC = "chinese-poetry@2.0.1"
 POETRY_MEMBERS = ("package/dist/songci/", "package/dist/lunyu/", "package/dist/shijing/", "package/LICENSE")
 N_REVIEWS, N_CI = 600, 700  # sizes the pretrain file to ~0.9 MB, ~0.3M tokens
 N_DPO = 400
+N_RL = 300
 SYSTEM_PROMPTS = {"english": ["You are a helpful assistant.", "You are a friendly chatbot. Keep answers short."],
                   "chinese": ["你是一个乐于助人的助手。", "你是一个友好的聊天机器人，回答要简短。"]}
 
@@ -165,6 +167,13 @@ def make_identity(rng: random.Random) -> list[dict]:
     return rows
 
 
+def make_rl(dialogues: dict[str, list[list[str]]], rng: random.Random) -> list[dict]:
+    """RL prompts in rlaif.jsonl's shape: one question, then the placeholder reply MiniMind's files carry ("无")."""
+    questions = sorted({c[0] for convs in dialogues.values() for c in convs if len(c) == 2})
+    return [{"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": "无"}]}
+            for q in rng.sample(questions, N_RL)]
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> bool:
     """Write the rows unless the file already holds exactly them: an untouched file keeps its mtime, and with it
     the token caches built from it. Returns whether the file changed."""
@@ -176,7 +185,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter).parse_args(argv)
     rng = random.Random(SEED)
     sources = fetch_sources()
     dialogues = load_dialogues(sources["chatterbot_corpus"])
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     outputs = {"pretrain.jsonl": make_pretrain(dialogues, reviews, poems, rng), "sft.jsonl": make_sft(dialogues, rng),
                "dpo.jsonl": make_dpo(dialogues, rng), "lora_identity.jsonl": make_identity(rng)}
+    outputs["rl.jsonl"] = make_rl(dialogues, rng)  # drawn last: the files above stay byte for byte as they were
     for name, rows in outputs.items():
         changed = write_jsonl(DEMO_DIR / name, rows)
         print(f"{name}: {len(rows)} rows, {(DEMO_DIR / name).stat().st_size / 1e6:.2f} MB"

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+from model.cli import HelpFormatter
 from model.tools import CAPITALS, ELEMENTS, Toolbox
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -167,7 +168,7 @@ def make_rows(n: int = N_ROWS, seed: int = SEED) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
     rows = make_rows()

@@ -47,6 +47,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.concurrency import run_in_threadpool
 
+from model.cli import HelpFormatter
 from model.generation import (ReasoningSplit, ReplyStream, answer_start, chat_prompt, generation_config,
                               opens_thinking, partial_marker, split_reasoning)
 from model.loading import add_model_args, lora_arg, model_from_args
@@ -451,7 +452,7 @@ def usage(stream: ReplyStream) -> dict[str, int]:
 def main() -> None:
     import uvicorn
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (then set --api_key)")
     p.add_argument("--port", type=int, default=8998)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> distillation -> the eight standard prompts.
-# 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> 知识蒸馏 -> 8 个标准问题自动测试。
+# The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> GRPO -> distillation -> the eight standard
+# prompts.
+# 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> GRPO -> 知识蒸馏 -> 8 个标准问题自动测试。
 #
 #   bash scripts/speedrun.sh                                   # no data or no GPU: demo-sized stages
 #   SHAPE="--preset minimind2" bash scripts/speedrun.sh        # the model shape, for every stage and the eval
@@ -11,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHAPE=${SHAPE:-}
-for stage in pretrain full_sft lora dpo; do
+for stage in pretrain full_sft lora dpo grpo; do
     echo "=== $stage"
     python "trainer/train_${stage}.py" $SHAPE "$@"
 done
@@ -34,4 +35,4 @@ done
 echo "=== eval"
 python eval_llm.py --weight full_sft --mode auto --lora_weight None $SHAPE ${WHERE:+--out_dir "$WHERE"} \
     --max_new_tokens 256 < /dev/null
-echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; distilled: --weight full_dist; LoRA: --lora_weight identity)"
+echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; GRPO: --weight grpo; distilled: --weight full_dist; LoRA: --lora_weight identity)"

@@ -6,10 +6,11 @@
 Every flag of scripts/serve_openai_api.py works here (``--port``, ``--api_key``, ``--load_from``, ...).
 """
 
+import runpy
 import sys
-
-from scripts.serve_openai_api import main
+from pathlib import Path
 
 if __name__ == "__main__":
     sys.argv.append("--open_browser")
-    main()
+    # run the server as a script rather than import it: scripts do not import one another
+    runpy.run_path(str(Path(__file__).with_name("serve_openai_api.py")), run_name="__main__")

@@ -21,9 +21,8 @@ from model.files import REPO_ROOT
 from model.hf_interop import save_transformers
 from model.loading import load_model, load_tokenizer
 from model.weights import CheckpointMismatch, save_weights
-from trainer import train
+from trainer import lm_loss, train
 from trainer.args import model_config
-from trainer.engine import lm_loss
 from trainer.train_distillation import (DistillationLoss, detect_kind, distillation_data, distillation_loss,
                                         distillation_stage, load_teacher, parse)
 
@@ -242,6 +241,17 @@ def test_minimind_flags_and_defaults(tmp_path):
     assert (args.teacher_num_layers, args.teacher_use_moe) == (16, 1)
     demo = parse(["--device", "cpu", "--data_path", str(data), "--student_hidden_size", "384"])
     assert (demo.hidden_size, demo.num_hidden_layers, demo.from_weight) == (384, 4, "none")  # typed flag wins
+
+
+@pytest.mark.parametrize("flags,message", [(["--alpha", "2"], "--alpha 2.0 must be between 0"),
+                                           (["--temperature", "0"], "--temperature 0.0 must be positive"),
+                                           (["--teacher_device", "nowhere"], "--teacher_device: ")])
+def test_a_bad_value_is_one_line(tmp_path, capsys, flags, message):
+    data = write_jsonl(tmp_path / "mine.jsonl", arithmetic(random.Random(0), 4))
+    with pytest.raises(SystemExit) as stop:
+        parse(["--device", "cpu", "--data_path", str(data), *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
 """eval_llm.py and the loader behind it: piped prompts through the real CLI, streaming == generate, clear errors."""
 
-import ast
 import json
 import os
 import runpy
@@ -278,25 +277,3 @@ def test_a_typed_out_dir_is_found_in_the_current_directory_first(tmp_path, monke
 def test_historys_is_minimind_s_name_for_history_cnt():
     parse_args = runpy.run_path(str(REPO_ROOT / "eval_llm.py"))["parse_args"]
     assert parse_args(["--historys", "4"]).history_cnt == 4 == parse_args(["--history_cnt", "4"]).history_cnt
-
-
-def repo_imports(path) -> set[str]:
-    """The repo's packages (model, dataset, trainer, scripts) that a Python file imports, at any depth in it."""
-    names = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.append(node.module)
-    return {name.split(".")[0] for name in names} & {"model", "dataset", "trainer", "scripts"}
-
-
-@pytest.mark.parametrize("path", [REPO_ROOT / "eval_llm.py", *sorted((REPO_ROOT / "scripts").glob("*.py"))],
-                         ids=lambda path: path.name)
-def test_inference_code_imports_only_model_and_dataset(path):
-    assert repo_imports(path) <= {"model", "dataset"}  # never the training engine, nor another script
-
-
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "model").glob("*.py")), ids=lambda path: path.name)
-def test_the_model_package_imports_only_itself(path):
-    assert repo_imports(path) <= {"model"}

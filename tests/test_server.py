@@ -202,7 +202,7 @@ def test_tools_and_a_tool_call_history_reach_the_prompt(server):
 
 
 def test_generated_tool_calls_are_parsed():
-    from scripts.serve_openai_api import split_tool_calls
+    from model.tools import split_tool_calls
 
     paris = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
     broken = "<tool_call>\n{not json}\n</tool_call>"
@@ -288,7 +288,7 @@ REPLIES = ["<think>\nParis is in France.\n</think>\n\nParis.", "Paris.", "<think
 
 @pytest.mark.parametrize("reply", REPLIES)
 def test_a_streamed_reply_splits_into_reasoning_and_answer_as_the_whole(reply):
-    from scripts.serve_openai_api import ReasoningSplit, split_reasoning
+    from model.generation import ReasoningSplit, split_reasoning
 
     expected = split_reasoning(reply)
     for pieces in ([reply], list(reply), *([reply[:k], reply[k:]] for k in range(len(reply)))):

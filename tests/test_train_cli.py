@@ -1,5 +1,6 @@
 """The stage scripts as a user runs them (subprocesses, tiny model, CPU), and DDP under torchrun (2 gloo ranks)."""
 
+import argparse
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import torch
 
 import dataset.files as data_files
 from model import MiniMindConfig, MiniMindForCausalLM
+from model.cli import HelpFormatter
 from model.files import REPO_ROOT
 from model.loading import load_tokenizer
 from model.weights import load_weights, save_weights, vocab_fingerprint
@@ -302,3 +304,22 @@ def test_a_finished_stage_names_the_next_and_a_cut_one_how_to_continue(tmp_path,
     interrupted = what_next("pretrain", Namespace(save_weight="pretrain"), Result(3, 0, 0.0, [], "interrupt"), argv)
     assert interrupted == ("continue this run: torchrun --nproc_per_node 2 trainer/train_pretrain.py --max_steps 9 "
                            "--out_dir 'a b' --from_resume 1")
+
+
+def test_help_keeps_the_docstring_s_commands_and_gives_each_default_once():
+    doc = "Stage 9.\n\n    python trainer/train_x.py --a 1      # one command\n    python trainer/train_x.py --b 2\n"
+    text = build_parser(doc, epochs=3).format_help()
+    assert doc.strip() in text  # the example commands stay one per line, not reflowed into a paragraph
+    flat = " ".join(text.split())
+    assert "--epochs EPOCHS passes over the training rows (default: 3)" in flat
+    assert "--warmup_iters WARMUP_ITERS linear warmup steps before the cosine (default: 0)" in flat  # 0 is a default
+    assert "(default: None)" not in flat and "(default: False)" not in flat  # nothing to show
+    assert "(default: the best there is)" in flat and "the best there is) (default" not in flat  # said once
+
+
+def test_help_shows_the_default_of_a_flag_without_help_text():
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--port", type=int, default=8998)
+    parser.add_argument("--mode", default="")
+    flat = " ".join(parser.format_help().split())
+    assert flat.endswith("--port PORT default: 8998 --mode MODE")  # an empty default shows nothing

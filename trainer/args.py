@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from dataset import files as data_files
 from model import MiniMindConfig
+from model.cli import HelpFormatter
 from model.devices import best_device
 from model.files import out_dir
 from model.weights import vocab_fingerprint
@@ -40,9 +41,9 @@ def fail(message: str) -> NoReturn:
 
 def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     """The shared flags with a stage's own defaults (``lr``, ``epochs``, ...); a stage adds its own flags to it."""
-    p = FlagParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = FlagParser(description=description, formatter_class=HelpFormatter)
     run = p.add_argument_group("run")
-    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--epochs", type=int, default=1, help="passes over the training rows")
     run.add_argument("--batch_size", type=int, default=32, help="rows per micro-batch per GPU")
     run.add_argument("--learning_rate", type=float, default=5e-4, help="peak LR; the cosine ends at 0.1x")
     run.add_argument("--warmup_iters", type=int, default=0, help="linear warmup steps before the cosine")
@@ -53,7 +54,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     run.add_argument("--time_budget", type=float, default=0,
                      help="stop after this many seconds, set-up included: checked after every step; the run then "
                           "evaluates, saves and prints the --from_resume 1 command (0: no limit)")
-    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--seed", type=int, default=42, help="seeds the initial weights, the split and the data order")
     run.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best there is)")
     run.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                      help="autocast dtype (auto: bf16 on CUDA, fp16 on GPUs without bf16, fp32 on CPU and MPS)")
@@ -71,7 +72,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     shape.add_argument("--hidden_size", type=int, default=None, help="default 512")
     shape.add_argument("--num_hidden_layers", type=int, default=None, help="default 8")
     shape.add_argument("--use_moe", type=int, default=None, choices=[0, 1], help="default 0")
-    shape.add_argument("--max_seq_len", type=int, default=512)
+    shape.add_argument("--max_seq_len", type=int, default=512, help="tokens per training row")
 
     io = p.add_argument_group("data and checkpoints")
     io.add_argument("--data_path", default=None,
@@ -96,7 +97,7 @@ def build_parser(description: str, **defaults: Any) -> argparse.ArgumentParser:
     log.add_argument("--eval_interval", type=int, default=500, help="steps between held-out evals (0: end only)")
     log.add_argument("--eval_size", type=int, default=200, help="rows held out for eval (0: no eval)")
     log.add_argument("--use_wandb", "--use_swanlab", dest="use_wandb", action="store_true", help="log to swanlab")
-    log.add_argument("--wandb_project", default="MiniMind")
+    log.add_argument("--wandb_project", default="MiniMind", help="the swanlab project (with --use_wandb)")
     log.add_argument("--peak_tflops", type=float, default=None, help="GPU peak for MFU (default: from its name)")
     p.set_defaults(**defaults)
     return p

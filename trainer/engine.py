@@ -1,8 +1,8 @@
 """The one training loop every stage shares.
 
-A stage (pretrain, full SFT, LoRA, DPO) is a ``Stage`` (trainer/stage.py): its name, its dataset, its loss as a
-function of model and batch, and optional hooks. Everything else happens once, here, and ``train`` reads top to
-bottom: set up, then per step the LR, the micro-batches, forward/backward, the optimizer step, and every
+A stage (pretrain, full SFT, LoRA, DPO, distillation) is a ``Stage`` (trainer/stage.py): its name, its dataset, its
+loss as a function of model and batch, and optional hooks. Everything else happens once, here, and ``train`` reads
+top to bottom: set up, then per step the LR, the micro-batches, forward/backward, the optimizer step, and every
 --log_interval steps one ``log_point`` (NaN guard, eval, log, save). The pieces it calls live beside it:
 
     trainer/data.py        split, plan, and the batch order a resumed run picks up at any step
@@ -43,7 +43,7 @@ from trainer.checkpoint import Checkpointer, load_resume, resume_path
 from trainer.data import plan_steps, split_data, step_batches
 from trainer.logger import make_logger
 from trainer.runtime import CtrlC, Runtime, any_rank, setup_runtime
-from trainer.stage import Batch, Stage, lm_loss  # noqa: F401  (stage scripts import Batch and lm_loss from here too)
+from trainer.stage import Stage
 from trainer.step import Progress, accumulate, evaluate, optimizer_step
 
 
@@ -117,7 +117,8 @@ def train(stage: Stage, args: Namespace) -> Result:
                       args.max_steps)
 
     params = [p for p in raw.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, fused=rt.device.type == "cuda")
+    optimizer = torch.optim.AdamW(stage.param_groups(raw) if stage.param_groups else params, lr=args.learning_rate,
+                                  fused=rt.device.type == "cuda")
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 only: bf16 needs none
     checkpoints = Checkpointer(stage.name, stage.save_weights, weights_file, raw, optimizer, scaler, plan, args, rt)
     step = 0
@@ -156,14 +157,15 @@ def train(stage: Stage, args: Namespace) -> Result:
         while step < plan.total:
             lr = lr_at(step, plan.total, args.learning_rate, args.warmup_iters)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             try:
                 micro_batches = list(next(batches))
             except DataError as e:
                 raise checkpoints.stop_on_bad_row(e, step, progress.went_bad()) from None
-            accumulate(model, stage, micro_batches, scaler, progress, rt)
-            grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
-            progress.end_step(step, None if scaler.is_enabled() else grad_norm)
+            for step_batch in stage.rollout(model, micro_batches, step, rt) if stage.rollout else [micro_batches]:
+                accumulate(model, stage, step_batch, scaler, progress, rt)
+                grad_norm = optimizer_step(params, optimizer, scaler, args.grad_clip)
+                progress.end_step(step, None if scaler.is_enabled() else grad_norm)
             step += 1
             bar.update()
 

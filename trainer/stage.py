@@ -4,7 +4,7 @@ keep (next-token loss, counted by supervised tokens, saved as MiniMind's ``out/<
 from __future__ import annotations
 
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from dataset import IGNORE_INDEX, pad_collate
 from model import MiniMindConfig
 from model.files import checkpoint_path
 from model.weights import save_weights
+from trainer.runtime import Runtime
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -54,3 +55,10 @@ class Stage:
     weights_path: Callable[[Namespace, MiniMindConfig], Path] = stage_weights_path
     save_weights: Callable[[nn.Module, Path], Any] = save_weights  # what goes into the weights file
     collate: Callable[[list[Batch]], Batch] = pad_collate
+    # RL (trainer/rollout.py): (model, one step's data micro-batches, step, runtime) -> the micro-batches of each
+    # optimizer step made on them: GRPO samples and scores replies to the prompts and makes one step on them, PPO
+    # several. None: one step on the data micro-batches as they are.
+    rollout: Callable[[nn.Module, list[Any], int, Runtime], Iterable[list[Batch]]] | None = None
+    # The optimizer's parameter groups (after setup); a group's "lr_scale" multiplies the scheduled LR (PPO: the
+    # critic's own LR). None: one group of every parameter that requires grad.
+    param_groups: Callable[[nn.Module], list[dict[str, Any]]] | None = None

@@ -32,7 +32,8 @@ from model.devices import check_device
 from model.loading import find_weights, load_model
 from model.weights import CheckpointMismatch, check_vocabulary, trained_vocabulary
 from trainer import Stage, build_parser, parse_args, run
-from trainer.engine import Batch
+from trainer.args import fail
+from trainer.stage import Batch
 
 SAME_VOCABULARY = ("distillation compares the two models' next-token distributions id by id, so teacher and student "
                    "need one vocabulary: pick a teacher trained with the tokenizer in model/")
@@ -40,8 +41,8 @@ SAME_VOCABULARY = ("distillation compares the two models' next-token distributio
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float,
                       temperature: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """α·CE + (1 − α)·T²·KL(p_teacher ‖ p_student), each a mean over the supervised positions (label != -100), and
-    the student–teacher top-1 agreement there. Labels are aligned with the inputs: the logits at t score label t+1.
+    """α·CE + (1 − α)·T²·KL(p_teacher ‖ p_student), each a mean over the supervised positions (label != IGNORE_INDEX),
+    and the student–teacher top-1 agreement there. Labels are aligned with the inputs: the logits at t score label t+1.
 
     Masked positions are left out with ``where`` rather than gathered: no host sync, and whatever their logits hold
     (padding), they add exactly nothing.
@@ -206,14 +207,14 @@ def parse(argv: list[str] | None = None) -> Namespace:
         hidden_size=256, num_hidden_layers=4, from_weight="none", batch_size=8, max_seq_len=256, learning_rate=2e-3,
         max_steps=300, time_budget=540, log_interval=10, eval_interval=100, eval_size=32))
     if not 0 <= args.alpha <= 1:
-        parser.error(f"--alpha {args.alpha} must be between 0 (teacher only) and 1 (labels only)")
+        fail(f"--alpha {args.alpha} must be between 0 (teacher only) and 1 (labels only)")
     if args.temperature <= 0:
-        parser.error(f"--temperature {args.temperature} must be positive")
+        fail(f"--temperature {args.temperature} must be positive")
     if args.teacher_device:
         try:
             check_device(args.teacher_device)
         except ValueError as e:
-            parser.error(f"--teacher_device: {e}")
+            fail(f"--teacher_device: {e}")
     return args
 
 

@@ -52,6 +52,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from dataset import DataError, iter_documents
 from dataset.sources import chatterbot_dialogues, fetch_sources, fortune_cookies
+from model.cli import HelpFormatter
 from model.files import resolve_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ def _write(tokenizer: Tokenizer, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--corpus", help="a jsonl file of {\"text\": ...} lines; a relative path counts from the "
                         "current directory if it exists there, else from the repo root; default: the shipped "
                         "tokenizer's offline sources / 自己的语料 (jsonl)")

@@ -1,0 +1,276 @@
+"""The rollout phase the RL stages share: prompts -> sampled replies -> rewards -> the tensors their losses need.
+
+    rollout = Rollout(tokenizer, RolloutSettings.from_args(args), rewards, reward_model)
+    batch = rollout.sample(policy, rows, step, rt)          # input_ids, attention_mask, reply_mask, reward/*
+    batch["old_logps"] = reply_logps(model, batch, T)[0]    # under no_grad and rt.autocast(), as training computes it
+
+Sampling runs HF ``generate`` (KV cache) in eval mode. Each reply has its own random generator, seeded from (seed,
+step, the prompt's row in the file, the reply's number): a reply does not depend on the rank or the batch its prompt
+lands in, and a resumed run samples what an uninterrupted one does. Rewards are scored right after sampling, before
+any policy or reference forward (a reward model then never shares memory with their activations).
+
+On CUDA a static (preallocated) KV cache may sample faster; it is not measured here (no GPU), so generate uses
+transformers' default dynamic cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from argparse import ArgumentParser, Namespace
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from dataset import resolve_data_path
+from dataset.rl_dataset import RLPromptDataset
+from model.generation import chat_prompt, stop_token_ids
+from model.loading import load_tokenizer
+from trainer.args import build_parser
+from trainer.rewards import Reply, RewardFn, RewardModel, parse_rewards, score
+from trainer.runtime import Runtime, all_ranks
+from trainer.stage import Batch, stage_weights_path
+
+Row = dict[str, Any]  # a prompt row of dataset.rl_dataset: index, messages, tools, gt
+
+
+@dataclass
+class RolloutSettings:
+    num_generations: int  # replies per prompt
+    max_gen_len: int  # new tokens per reply at most
+    max_prompt_len: int  # prompt tokens at most (--max_seq_len); longer prompts keep their end, and are counted
+    temperature: float
+    thinking_ratio: float  # share of prompts whose generation prompt opens a think block
+    seed: int
+
+    @classmethod
+    def from_args(cls, args: Namespace) -> RolloutSettings:
+        return cls(args.num_generations, args.max_gen_len, args.max_seq_len, args.temperature, args.thinking_ratio,
+                   args.seed)
+
+
+def reply_seed(seed: int, step: int, row: int, reply: int) -> int:
+    """A 63-bit seed that depends on all four numbers (and nothing else)."""
+    return int(np.random.SeedSequence([seed, step, row, reply]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def generation_prompt(tokenizer: Any, row: Row, think: bool) -> str:
+    """The chat up to an open assistant turn; with ``think`` the turn opens a live think block (the template's
+    ``open_thinking``); without, the template's default prompt."""
+    return chat_prompt(tokenizer, row["messages"], row.get("tools"), open_thinking=True if think else None)
+
+
+class GumbelSampling(LogitsProcessor):
+    """Sampling at ``temperature`` as greedy decoding of Gumbel-perturbed logits (argmax(l/T + g) is a sample of
+    softmax(l/T)), each row drawing its noise from its own generator."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float):
+        self.generators, self.temperature = generators, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=g.device) for g in self.generators])
+        return scores.float() / self.temperature - torch.log(-torch.log(uniform.to(scores.device)))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a left-padded [N, T] tensor and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def up_to_first_stop(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of each row's tokens up to and including its first stop token, whether the row has one)."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before each position
+    return (stops_before == 0).long(), is_stop.any(-1)
+
+
+def reply_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) \
+        -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per reply token, its log-probability under ``model`` at ``temperature`` ([N, R], float32), and the MoE
+    balancing loss. The one forward the old, reference and training log-probs all use: called under the same autocast,
+    they agree to the bit for the same weights."""
+    reply_len = batch["reply_mask"].shape[1]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=reply_len + 1)
+    logits = out.logits[:, :-1].float() / temperature  # the logits at t score the token at t+1
+    targets = batch["input_ids"][:, -reply_len:]
+    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1), out.aux_loss
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool = True) -> torch.Tensor:
+    """Mean over masked-in tokens: per sequence, then over sequences (MiniMind's GRPO), or over all tokens at once
+    (``per_sequence=False``: DAPO / Dr. GRPO's token-level mean, where a long reply counts by its length)."""
+    mask = mask.to(values.dtype)
+    if per_sequence:
+        return ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rewards_total(batch: Batch) -> torch.Tensor:
+    """The sum of a rollout batch's reward components ([N])."""
+    return sum(v for k, v in batch.items() if k.startswith("reward/"))
+
+
+def reward_metrics(batch: Batch) -> dict[str, torch.Tensor]:
+    """What every RL stage logs about its rollouts: the mean reward and each component, reply length, stopped share."""
+    metrics = {k: v.float().mean() for k, v in batch.items() if k.startswith("reward/")}
+    metrics["reward"] = rewards_total(batch).float().nanmean()
+    metrics["reply_tokens"] = batch["reply_mask"].sum(-1).float().mean()
+    metrics["finished"] = batch["finished"].float().mean()
+    metrics["prompt_truncated"] = batch["prompt_truncated"].float().mean()
+    return metrics
+
+
+class RewardLog:
+    """One line per step, rank 0 writing: the step's mean reward and each component over all ranks, in a jsonl file
+    beside the weights (``out/grpo_512_rewards.jsonl``) that scripts/plot_rewards.py draws. A resumed run drops the
+    lines from its resume step on, then appends: the file tells one run's story."""
+
+    def __init__(self, path: Path):
+        self.path, self.started = path, False
+
+    def write(self, step: int, batches: list[Batch], rt: Runtime) -> None:
+        names = sorted(k for k in batches[0] if k.startswith("reward/"))
+        totals = [torch.nan_to_num(rewards_total(b).float()) for b in batches]
+        values = [sum(t.sum() for t in totals), sum(len(t) for t in totals)]
+        values += [sum(b[k].float().nan_to_num().sum() for b in batches) for k in names]
+        sums = all_ranks(rt, torch.tensor([float(v) for v in values], device=rt.device)).tolist()
+        if not rt.is_main:
+            return
+        if not self.started:  # this run's first line: keep earlier steps' lines only (those of a resumed run)
+            lines = self.path.read_text().splitlines() if self.path.is_file() else []
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= step))
+            self.started = True
+        record = {"step": step + 1, "reward": sums[0] / sums[1],
+                  **{k: v / sums[1] for k, v in zip(names, sums[2:])}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Rollout:
+    """Prompt rows -> sampled, scored replies as tensors (``sample``), with the flags' settings and rewards."""
+
+    def __init__(self, tokenizer: Any, settings: RolloutSettings, rewards: dict[str, RewardFn],
+                 reward_model: Callable[[list[Reply]], list[float]] | None = None):
+        self.tokenizer, self.settings, self.rewards, self.reward_model = tokenizer, settings, rewards, reward_model
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[-1]
+
+    @classmethod
+    def from_args(cls, args: Namespace, tokenizer: Any, device: torch.device) -> Rollout:
+        """The rollout the flags describe; a --reward_model_path is loaded here, once (a bad folder: one line)."""
+        reward_model = RewardModel(args.reward_model_path, args.reward_device or device,
+                                   getattr(torch, args.reward_dtype)) if args.reward_model_path else None
+        return cls(tokenizer, RolloutSettings.from_args(args), parse_rewards(args.rewards), reward_model)
+
+    def prompt_tokens(self, row: Row, step: int) -> list[int]:
+        s = self.settings
+        think = random.Random(reply_seed(s.seed, step, row["index"], s.num_generations)).random() < s.thinking_ratio
+        return self.tokenizer(generation_prompt(self.tokenizer, row, think), add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def sample(self, policy: nn.Module, rows: list[Row], step: int, rt: Runtime) -> Batch:
+        """``num_generations`` replies to each prompt of ``rows``, scored: input_ids = left-padded prompt + reply
+        (padded after its stop token), attention_mask, reply_mask (reply tokens up to and including the first stop),
+        finished, prompt_truncated, and reward/<name> per component (all [N] or [N, T], N = rows x generations, a
+        prompt's replies next to each other)."""
+        s = self.settings
+        prompts = [self.prompt_tokens(row, step) for row in rows]
+        truncated = torch.tensor([len(p) > s.max_prompt_len for p in prompts]).repeat_interleave(s.num_generations)
+        prompts = [p[-s.max_prompt_len:] for p in prompts]  # the end holds the question and the open assistant turn
+        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(s.num_generations)], self.pad_id)
+        generators = [torch.Generator(rt.device).manual_seed(reply_seed(s.seed, step, row["index"], j))
+                      for row in rows for j in range(s.num_generations)]
+        config = GenerationConfig(do_sample=False, max_new_tokens=s.max_gen_len, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.pad_id)
+        was_training = policy.training
+        policy.eval()
+        with rt.autocast():
+            out = policy.generate(input_ids=prompt_ids.to(rt.device), attention_mask=prompt_mask.to(rt.device),
+                                  generation_config=config,
+                                  logits_processor=LogitsProcessorList([GumbelSampling(generators, s.temperature)]))
+        policy.train(was_training)
+        replies = out[:, prompt_ids.shape[1]:].cpu()
+        reply_mask, finished = up_to_first_stop(replies, self.stop_ids)
+        texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(replies, reply_mask)],
+                                            skip_special_tokens=True)
+        scored = score([Reply(text, bool(done), row) for text, done, row in
+                        zip(texts, finished, (row for row in rows for _ in range(s.num_generations)))],
+                       self.rewards, self.reward_model)
+        batch = {"input_ids": torch.cat([prompt_ids, replies], 1),
+                 "attention_mask": torch.cat([prompt_mask, reply_mask], 1), "reply_mask": reply_mask,
+                 "finished": finished, "prompt_truncated": truncated,
+                 **{f"reward/{k}": v for k, v in scored.items()}}
+        return {k: v.to(rt.device) for k, v in batch.items()}
+
+
+class RLStage:
+    """What the RL stages share: the policy (trained in place), its frozen reference, the rollout and the reward log,
+    made in ``setup``: after --from_weight and before --from_resume, so the reference is the starting model even when
+    a run resumes."""
+
+    def __init__(self, args: Namespace):
+        self.args = args
+        self.policy: nn.Module | None = None  # the plain module, for sampling
+        self.reference: nn.Module | None = None
+        self.rollouts: Rollout | None = None
+        self.reward_log: RewardLog | None = None
+
+    def setup(self, model: nn.Module, args: Namespace) -> None:
+        self.policy = model
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.rollouts = Rollout.from_args(args, load_tokenizer(), next(model.parameters()).device)
+        weights = stage_weights_path(args, model.config)
+        self.reward_log = RewardLog(weights.with_name(f"{weights.stem}_rewards.jsonl"))
+
+
+def rl_file(args: Namespace) -> Path:
+    return resolve_data_path(args.data_path, ["rlaif.jsonl", "rlaif-mini.jsonl"], "rl.jsonl")
+
+
+def rl_data(args: Namespace, tokenizer) -> RLPromptDataset:
+    return RLPromptDataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
+                           cache_dir=args.cache_dir)
+
+
+def rl_parser(description: str, save_weight: str, project: str, num_generations: int) -> ArgumentParser:
+    """The shared flags with MiniMind's RL defaults, and those of sampling and scoring (MiniMind's names)."""
+    parser = build_parser(description, epochs=1, batch_size=2, learning_rate=3e-7, max_seq_len=768, save_interval=10,
+                          log_interval=1, eval_size=0, from_weight="full_sft", save_weight=save_weight,
+                          wandb_project=project)
+    g = parser.add_argument_group("rollout and rewards")
+    g.add_argument("--num_generations", type=int, default=num_generations, help="replies sampled per prompt")
+    g.add_argument("--max_gen_len", type=int, default=1024, help="new tokens per reply at most (--max_seq_len: the "
+                   "prompt's tokens at most; longer prompts keep their end and are counted)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
+    g.add_argument("--thinking_ratio", type=float, default=0.9,
+                   help="share of prompts whose reply starts inside an open <think> block")
+    g.add_argument("--rewards", default="length,think,repetition,answer", help="comma-separated rule rewards: length, think, repetition, "
+                   "answer (rows with a gt), format (see trainer/rewards.py)")
+    g.add_argument("--reward_model_path", default=None, help="a local transformers reward model folder (one-label "
+                   "sequence classifier, or InternLM2-reward style); none by default")
+    g.add_argument("--reward_device", default=None, help="where the reward model runs (default: the policy's device)")
+    g.add_argument("--reward_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return parser
+
+
+def check_rl_args(parser: ArgumentParser, args: Namespace) -> None:
+    if args.eval_size:  # a note, not an error: speedrun.sh passes its flags to every stage
+        print(f"[rl] --eval_size {args.eval_size} ignored: RL stages have no held-out loss (evaluate with eval_llm.py)")
+        args.eval_size = 0
+    if args.temperature <= 0:
+        parser.error("--temperature must be positive: RL learns from the spread of sampled replies")
+    try:
+        parse_rewards(args.rewards)
+    except ValueError as e:
+        parser.error(f"--rewards: {e}")
