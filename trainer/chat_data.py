@@ -27,7 +27,7 @@ def add_chat_data_args(parser: argparse.ArgumentParser) -> None:
                    help="a second SFT file of general chats mixed into every epoch (the held-out rows stay from "
                         "--data_path)")
     g.add_argument("--mix_ratio", type=float, default=None,
-                   help=f"share of each epoch's rows drawn from --mix_data (default {DEFAULT_MIX_RATIO}); a new draw "
+                   help=f"share of each epoch's rows drawn from --mix_data (default: {DEFAULT_MIX_RATIO}); a new draw "
                         f"each epoch, fixed by --seed")
 
 
