@@ -71,6 +71,22 @@ def _messages(turns: Any, where: str) -> tuple[list[dict], list | None]:
     return messages, tools
 
 
+LOSS_TURNS = ("all", "last")  # which assistant turns of a conversation are supervised
+
+
+def final_reply_turns(messages: list[dict]) -> int:
+    """How many assistant messages make up the conversation's final reply: the last assistant message and those
+    before it back to the last user message (a tool call, the tool's result, the answer: one reply). Tool results
+    are context, never supervised, so only the assistant messages are counted."""
+    count = 0
+    for message in reversed(messages):
+        if message["role"] == "assistant":
+            count += 1
+        elif message["role"] != "tool" and count:  # a user or system turn ends the final reply
+            break
+    return count
+
+
 def _prompt(messages: list[dict]) -> list[dict]:
     """Everything before the last assistant turn."""
     last = max(k for k, message in enumerate(messages) if message["role"] == "assistant")
@@ -103,15 +119,20 @@ class _ChatRows(Dataset):
     `<|im_end|>` (reasoning and tool calls included: they are inside the turn); the "\\n" after it is template
     glue that generation never produces, so it is not. System, user and tool turns are never supervised.
 
+    `loss_turns="last"` supervises the final reply only (`final_reply_turns`: its thinking and tool calls included);
+    earlier assistant turns become context like the user's.
+
     Rows longer than `max_seq_len` tokens are cut. With `skip_bad_lines` a bad row is logged and replaced by the
     next good one instead of raising DataError. The line index is cached in `cache_dir` (default
-    `<data dir>/.cache/`).
+    `<data dir>/.cache/`); tokens and labels are not (rows are encoded as they are read).
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, loss_turns: str = "all"):
+        if loss_turns not in LOSS_TURNS:
+            raise ValueError(f"loss_turns must be one of {', '.join(LOSS_TURNS)}, got {loss_turns!r}")
         self.path, self.tokenizer, self.max_seq_len = Path(path), tokenizer, max_seq_len
-        self.skip_bad_lines, self.skipped = skip_bad_lines, 0
+        self.skip_bad_lines, self.skipped, self.loss_turns = skip_bad_lines, 0, loss_turns
         if not self.path.is_file():
             raise FileNotFoundError(f"data file not found: {self.path.resolve()}. Download it with: "
                                     + DOWNLOAD_HINT.format(name=self.path.name))
@@ -137,11 +158,13 @@ class _ChatRows(Dataset):
         self._check_template()
 
     def _check_template(self) -> None:
-        """Fail at start-up, not mid-epoch, if the chat template does not render ChatML assistant turns."""
-        turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]
-        enc = self.encode_turns(turns, where="template check", max_seq_len=10**9)
-        supervised = enc["input_ids"][enc["labels"] != IGNORE_INDEX].tolist()
-        if not supervised or supervised[-1] != self.end_id:
+        """Fail at start-up, not mid-epoch, if the chat template does not render ChatML assistant turns (one per
+        assistant message, which is how loss_turns="last" finds the final reply's)."""
+        turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+                 {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+        ids = self.encode_turns(turns, where="template check", max_seq_len=10**9)["input_ids"].tolist()
+        spans = self._assistant_spans(ids)
+        if len(spans) != 2 or any(ids[end - 1] != self.end_id for _, end in spans):
             raise ValueError("the tokenizer's chat template does not render assistant turns as "
                              "'<|im_start|>assistant\\n...<|im_end|>' (ChatML): cannot find what to supervise")
 
@@ -180,7 +203,13 @@ class _ChatRows(Dataset):
         except Exception as e:  # a template error without file:line would be opaque mid-epoch
             raise DataError(f"{where}: the chat template cannot render this row ({type(e).__name__}: {e})") from e
         ids = self.tokenizer(self._head(text, max_seq_len), add_special_tokens=False)["input_ids"][:max_seq_len]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(self._assistant_labels(ids))}
+        spans = self._assistant_spans(ids)
+        if self.loss_turns == "last":  # the template renders one span per assistant message (_check_template)
+            spans = spans[sum(m["role"] == "assistant" for m in messages) - final_reply_turns(messages):]
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
     def _head(self, text: str, max_seq_len: int) -> str:
         """The start of ``text`` that tokenises to the first max_seq_len tokens of the whole, so that a huge row
@@ -192,13 +221,14 @@ class _ChatRows(Dataset):
         cut = safe_cut(text, reach, len(text), self.added_tokens) if len(text) > reach else None
         return text if cut is None else text[:cut]
 
-    def _assistant_labels(self, ids: list[int]) -> list[int]:
-        """One linear scan: label from after each assistant header through the next <|im_end|>.
+    def _assistant_spans(self, ids: list[int]) -> list[tuple[int, int]]:
+        """One linear scan: [start, end) of each assistant turn's tokens, from after its header through the next
+        <|im_end|> (or the end of ``ids``).
 
         Truncation only ever removes a tail, so every supervised token keeps its prompt; a reply cut short keeps
         its supervised prefix, and a header cut short supervises nothing.
         """
-        labels = [IGNORE_INDEX] * len(ids)
+        spans = []
         head, n, i = self.head, len(ids), 0
         while i < n:
             if ids[i] != head[0]:
@@ -212,12 +242,17 @@ class _ChatRows(Dataset):
             while end < n and ids[end] != self.end_id:
                 end += 1
             end = min(end + 1, n)  # include <|im_end|>
-            labels[start:end] = ids[start:end]
+            spans.append((start, end))
             i = end
-        return labels
+        return spans
 
     def encode_row(self, row: Any, where: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def check_first_row(self) -> None:
+        """Encode the first row, whatever skip_bad_lines says: a file of another kind (DPO pairs where SFT rows are
+        expected) is refused at start-up, naming its file:line, rather than mid-epoch."""
+        self.encode_row(*self._row(0))
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= i < len(self):
@@ -249,10 +284,10 @@ class SFTDataset(_ChatRows):
     """
 
     def __init__(self, path: str | os.PathLike, tokenizer: Any, max_seq_len: int, skip_bad_lines: bool = False,
-                 cache_dir: str | os.PathLike | None = None, empty_think_ratio: float = 0.0):
+                 cache_dir: str | os.PathLike | None = None, empty_think_ratio: float = 0.0, loss_turns: str = "all"):
         if not 0 <= empty_think_ratio <= 1:
             raise ValueError(f"empty_think_ratio is a share of rows, between 0 and 1, not {empty_think_ratio}")
-        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir)
+        super().__init__(path, tokenizer, max_seq_len, skip_bad_lines, cache_dir, loss_turns)
         self.empty_think_ratio = empty_think_ratio
         if empty_think_ratio and "<think>" not in self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2", "reasoning_content": ""}],

@@ -15,6 +15,13 @@ Typical use (trainer/train_lora.py, eval_llm.py):
 
 Unlike MiniMind (LoRA on square layers only, i.e. q/o with GQA), the default targets are every projection of
 attention and MLP, MoE experts included; ``targets="square"`` reproduces MiniMind's choice.
+
+DoRA (Liu et al. 2024, ``apply_lora(model, lora_type="dora")``) splits each weight into a magnitude per output row
+and a direction; the low-rank update moves the direction, the magnitude m trains on its own:
+
+    W' = m · (W + B·A·scale) / ‖W + B·A·scale‖        ‖·‖ per output row; m starts as ‖W‖, so W' = W at init
+
+The file records the type, so ``load_lora`` and ``merge_lora`` need no flag for it.
 """
 
 from __future__ import annotations
@@ -62,16 +69,21 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as peft (and nn.Linear) initialise it
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def low_rank_update(self, x: torch.Tensor) -> torch.Tensor:
+        """x·Aᵀ·Bᵀ·scale: two thin matmuls (x·Aᵀ is [.., rank]) instead of forming the [out, in] product B·A."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two thin matmuls (x·Aᵀ is [.., rank]) instead of forming the full [out, in] product B·A.
-        update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)
-        return F.linear(x, self.weight, self.bias) + update * self.scale
+        return F.linear(x, self.weight, self.bias) + self.low_rank_update(self.lora_dropout(x))
+
+    def adapted_weight(self) -> torch.Tensor:
+        """The weight this layer computes with, W + B·A·scale, in fp32."""
+        return self.weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def merged(self) -> nn.Linear:
-        """Fold ``B @ A · scale`` into the weight (in place, in fp32) and return a plain nn.Linear holding it."""
+        """Fold the update into the weight (in place, computed in fp32) and return a plain nn.Linear holding it."""
         with torch.no_grad():
-            delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-            self.weight.copy_((self.weight.float() + delta).to(self.weight.dtype))
+            self.weight.copy_(self.adapted_weight().to(self.weight.dtype))
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias  # the same Parameters: nothing is copied
         return linear
@@ -80,12 +92,53 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha:g}"
 
 
+class DoRALinear(LoRALinear):
+    """DoRA: ``W' = m · (W + B·A·scale) / ‖W + B·A·scale‖``, the norm taken over each output row's inputs.
+
+    That is peft's "column-wise" norm (of the [in, out] matrix it transposes to), and as in peft (and the paper, §4.3)
+    the norm is a constant to the gradient: A and B learn through the direction, ``lora_magnitude`` (one value per
+    output feature, the extra key ``<layer>.lora_magnitude``) learns the length. The price: every forward forms the
+    full [out, in] matrix W + B·A·scale to take its norm, which plain LoRA never does.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, rank, alpha, dropout)
+        with torch.no_grad():  # B = 0, so this is ‖W‖ and the layer starts as exactly the base layer
+            self.lora_magnitude = nn.Parameter(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + B·A·scale‖ of each output row, computed in fp32, in the weight's dtype."""
+        return torch.linalg.vector_norm(super().adapted_weight(), dim=1).to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # detached, as in the paper and peft: no [out, in] graph kept for the backward
+            norm = self.weight_norm()
+        factor = self.lora_magnitude / norm  # exactly 1 at init: m was computed as this very norm
+        base = F.linear(x, self.weight)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            # peft's form under dropout: the magnitude's rescale of the base output sees the dropped-out input too
+            dropped = self.lora_dropout(x)
+            out = base + (factor - 1) * F.linear(dropped, self.weight) + factor * self.low_rank_update(dropped)
+        else:
+            out = factor * (base + self.low_rank_update(x))
+        return out if self.bias is None else out + self.bias
+
+    def adapted_weight(self) -> torch.Tensor:
+        weight = super().adapted_weight()
+        return weight * (self.lora_magnitude.float() / torch.linalg.vector_norm(weight, dim=1)).unsqueeze(1)
+
+
+LAYER_TYPES: dict[str, type[LoRALinear]] = {"lora": LoRALinear, "dora": DoRALinear}
+ADAPTER_SUFFIXES = (".lora_A", ".lora_B", ".lora_magnitude")  # the state-dict keys an adapter adds
+
+
 def apply_lora(
     model: nn.Module,
     rank: int = 16,
     alpha: float | None = None,
     dropout: float = 0.0,
     targets: str | Sequence[str] = DEFAULT_TARGETS,
+    lora_type: str = "lora",
 ) -> list[str]:
     """Wrap the target Linear layers of ``model`` in place and freeze every other parameter. Returns the names wrapped.
 
@@ -94,6 +147,7 @@ def apply_lora(
     square weight, which with GQA means q_proj/o_proj only), or names/regexes: an entry matches a layer whose full name
     equals it, ends with ``.<entry>``, or fully matches it as a regex (``r"model\\.layers\\.[0-3]\\..*_proj"``).
     The MoE router (``mlp.gate``) is not among the default targets; the experts' projections are.
+    ``lora_type="dora"`` makes DoRA layers (``DoRALinear``: a trainable magnitude per output feature besides A and B).
     Apply it before wrapping the model in DDP or torch.compile: they capture the parameters they see.
     """
     model = unwrap_model(model)
@@ -103,6 +157,8 @@ def apply_lora(
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     if not 0 <= dropout < 1:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    if lora_type not in LAYER_TYPES:
+        raise ValueError(f"LoRA type must be one of {', '.join(LAYER_TYPES)}, got {lora_type!r}")
     alpha = float(rank if alpha is None else alpha)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = [name for name, m in linears.items() if _is_target(name, m, targets)]
@@ -119,7 +175,7 @@ def apply_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
-        _replace(model, name, LoRALinear(linears[name], rank, alpha, dropout))
+        _replace(model, name, LAYER_TYPES[lora_type](linears[name], rank, alpha, dropout))
     return chosen
 
 
@@ -139,24 +195,30 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)}
 
 
+def _type_of(layer: LoRALinear) -> str:
+    return next(name for name, cls in LAYER_TYPES.items() if type(layer) is cls)
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA tensors, named as in the bare model (DDP's ``module.`` and compile's ``_orig_mod.`` removed)."""
+    """Only the adapter's tensors (A, B; DoRA's magnitude), named as in the bare model (DDP's ``module.`` and
+    compile's ``_orig_mod.`` removed)."""
     return {
         name: tensor.detach()
         for name, tensor in unwrap_model(model).state_dict().items()
-        if name.endswith((".lora_A", ".lora_B"))
+        if name.endswith(ADAPTER_SUFFIXES)
     }
 
 
 def lora_config(model: nn.Module) -> dict[str, Any]:
-    """What ``load_lora`` needs to rebuild the layers: rank, alpha, dropout, the wrapped layer names, the base shape."""
+    """What ``load_lora`` needs to rebuild the layers: type, rank, alpha, dropout, the layer names, the base shape."""
     model = unwrap_model(model)
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers (call apply_lora or load_lora first)")
     first = next(iter(layers.values()))
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
-    config: dict[str, Any] = dict(rank=first.rank, alpha=first.alpha, dropout=dropout, targets=list(layers))
+    config: dict[str, Any] = dict(lora_type=_type_of(first), rank=first.rank, alpha=first.alpha, dropout=dropout,
+                                  targets=list(layers))
     base = getattr(model, "config", None)
     if isinstance(base, MiniMindConfig):
         config.update(hidden_size=base.hidden_size, num_hidden_layers=base.num_hidden_layers, base=base.describe())
@@ -197,12 +259,16 @@ def read_lora_file(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, t
         raise ValueError(f"{path} is not a LoRA file (no lora_config, no *.lora.A.weight tensors); "
                          "a full checkpoint loads with model.weights.load_weights")
     config["targets"] = [unwrapped_name(t) for t in config["targets"]]
+    config.setdefault("lora_type", "lora")  # files saved before DoRA existed
+    if config["lora_type"] not in LAYER_TYPES:
+        raise ValueError(f"{path}: unknown LoRA type {config['lora_type']!r} (this version knows "
+                         f"{', '.join(LAYER_TYPES)})")
     return config, {unwrapped_name(k): v for k, v in weights.items()}
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load a LoRA file into ``model``: wraps the layers the file names (with its rank/alpha) unless the model has
-    LoRA layers already, then loads every LoRA tensor strictly. Returns the names of the LoRA layers.
+    """Load a LoRA file into ``model``: wraps the layers the file names (with its type, rank and alpha) unless the
+    model has LoRA layers already, then loads every LoRA tensor strictly. Returns the names of the LoRA layers.
 
     A file that does not fit (another hidden size, more layers, another rank) is refused before the model is touched,
     with each offending tensor, both shapes, and the base hidden size the file needs.
@@ -211,7 +277,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     model = unwrap_model(model)
     _check_fits(model, config, weights, path)
     if not _lora_layers(model):
-        apply_lora(model, config["rank"], config["alpha"], config.get("dropout", 0.0), targets=config["targets"])
+        apply_lora(model, config["rank"], config["alpha"], config.get("dropout", 0.0), targets=config["targets"],
+                   lora_type=config["lora_type"])
     with torch.no_grad():
         for key, param in lora_state_dict(model).items():
             param.copy_(weights[key])  # copy_ casts an fp16 file to the model's dtype
@@ -231,6 +298,10 @@ def _check_fits(model: nn.Module, config: dict[str, Any], weights: dict[str, tor
             continue
         rank = layer.rank if isinstance(layer, LoRALinear) else config["rank"]
         needs = {f"{name}.lora_A": (rank, layer.in_features), f"{name}.lora_B": (layer.out_features, rank)}
+        if isinstance(layer, LoRALinear) and _type_of(layer) != config["lora_type"]:
+            problems.append(f"  {name}: the model's layer is {_type_of(layer)}, the file is {config['lora_type']}")
+        if config["lora_type"] == "dora":
+            needs[f"{name}.lora_magnitude"] = (layer.out_features,)
         for key, need in needs.items():
             have = tuple(weights[key].shape) if key in weights else None
             if have != need:
@@ -263,7 +334,8 @@ def _hidden_size_of(weights: dict[str, torch.Tensor]) -> int | str:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put plain nn.Linear layers back, in place.
+    """Fold every LoRA update (DoRA: magnitude and direction) into its base weight and put plain nn.Linear layers
+    back, in place.
 
     The result has exactly the base model's state-dict keys: save it with ``model.weights.save_weights`` as an ordinary
     checkpoint that needs no LoRA code. Parameters stay frozen as apply_lora left them. In bf16/fp16 the merged weight
@@ -279,15 +351,17 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def lora_parameter_count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; after apply_lora the trainable ones are the LoRA matrices."""
+    """(trainable, total) parameters; after apply_lora the trainable ones are the adapter's (A, B; DoRA's m)."""
     params = list(unwrap_model(model).parameters())  # a tied embedding/head counts once
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def lora_summary(model: nn.Module) -> str:
-    """``LoRA: 0.26M trainable / 26.09M total (1.00%)`` (rank 16 on the square layers of the 26M model)."""
+    """``LoRA: 0.26M trainable / 26.09M total (1.00%)`` (rank 16 on the square layers of the 26M model); ``DoRA: ...``
+    for DoRA layers."""
     trainable, total = lora_parameter_count(model)
-    return f"LoRA: {trainable / 1e6:.2f}M trainable / {total / 1e6:.2f}M total ({100 * trainable / total:.2f}%)"
+    kind = "DoRA" if any(isinstance(m, DoRALinear) for m in _lora_layers(model).values()) else "LoRA"
+    return f"{kind}: {trainable / 1e6:.2f}M trainable / {total / 1e6:.2f}M total ({100 * trainable / total:.2f}%)"
 
 
 def lora_path(name: str, config: MiniMindConfig, directory: str | os.PathLike | None = None) -> Path:

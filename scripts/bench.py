@@ -6,7 +6,8 @@
 
 Training rows time one optimizer step (forward, backward, clip, AdamW) on batches of real demo data: warm-up steps
 excluded, ``--repeats`` timings of ``--steps`` steps each, median reported. Each comparison changes one setting
-against the baseline (auto dtype, fused SDPA attention, no compile, fused AdamW where available, packed rows).
+against the baseline (auto dtype, fused SDPA attention, no compile, fused AdamW where available, packed rows, all
+weights trained); ``--compare adapter`` times LoRA and DoRA (rank 16, default targets, base frozen) against it.
 Generation rows time greedy decoding of ``--gen_lengths`` new tokens for one prompt (on CUDA, transformers compiles
 the decode step with CUDA graphs when the KV cache is static).
 """
@@ -30,6 +31,7 @@ from model.cli import HelpFormatter
 from model.flops import flops_per_token, peak_tflops
 from model.devices import best_device, resolve_dtype
 from model.loading import load_tokenizer
+from model.model_lora import apply_lora, lora_parameter_count
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Variant:
     fused_adamw: bool = True
     data: str = "pack"  # "pack": full rows; "docmask": packed, attention kept within documents; "pad": one
     # document per row, padded to the batch's longest
+    adapter: str = ""  # "" (every weight trains), or "lora" / "dora": rank 16 on the default targets, base frozen
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,6 +60,8 @@ def variants(baseline: Variant, compare: list[str]) -> list[Variant]:
         "fused": [replace(baseline, name="unfused AdamW", fused_adamw=False)],
         "data": [replace(baseline, name="pack + document mask", data="docmask"),
                  replace(baseline, name="pad (one doc per row)", data="pad")],
+        "adapter": [replace(baseline, name="LoRA r16", adapter="lora"),
+                    replace(baseline, name="DoRA r16", adapter="dora")],
     }
     for key in compare:
         rows += alternatives[key]
@@ -91,8 +96,12 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
     if device.type != "cuda" and variant.compile == "reduce-overhead":
         return {"variant": variant.name, "skipped": "CUDA graphs need CUDA"}
     model = MiniMindForCausalLM(replace_config(config, flash_attn=variant.attention == "sdpa")).to(device).train()
+    if variant.adapter:
+        apply_lora(model, rank=16, lora_type=variant.adapter)
+    trainable, total = lora_parameter_count(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     fused = variant.fused_adamw and device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused)
     scaler = torch.amp.GradScaler(device.type, enabled=variant.dtype == "fp16")
     step_model = torch.compile(model, mode=variant.compile) if variant.compile else model
     autocast = torch.autocast(device.type, dtype=dtype) if variant.dtype != "fp32" else nullcontext()
@@ -102,7 +111,7 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
             loss = step_model(batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids")).loss
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -126,10 +135,10 @@ def bench_train(variant: Variant, config: MiniMindConfig, args, device: torch.de
     real = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in data) / len(data)
     row = {
         "variant": variant.name, "step_ms": step_time * 1e3, "tok_s": tokens / step_time, "real_tok_s": real / step_time,
-        "peak_mem_gb": peak_memory_gb(device),
+        "peak_mem_gb": peak_memory_gb(device), "trainable": trainable / total,
     }
     peak = peak_tflops(device, args.peak_tflops)
-    if peak:
+    if peak and not variant.adapter:  # 6N FLOPs per token count weight gradients, which an adapter run skips
         row["mfu"] = flops_per_token(config, args.seq_len) * row["tok_s"] / (peak * 1e12)
     return row
 
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compare", nargs="*", default=["dtype", "attention", "compile", "fused", "data"],
-                   choices=["dtype", "attention", "compile", "fused", "data"])
+                   choices=["dtype", "attention", "compile", "fused", "data", "adapter"])
     p.add_argument("--gen_lengths", type=int, nargs="*", default=[64, 256])
     p.add_argument("--peak_tflops", type=float, help="GPU bf16 peak for MFU when the name is not in the table")
     p.add_argument("--profile", nargs="*", metavar="VARIANT",
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()  # so one variant's compiled graphs don't count against the next one's recompile limit
     print(markdown(train, [("variant", "training", "{}"), ("step_ms", "step (ms)", "{:.0f}"),
                            ("tok_s", "tokens/s", "{:,.0f}"), ("real_tok_s", "non-pad tokens/s", "{:,.0f}"),
-                           ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem (GiB)", "{:.2f}")]))
+                           ("mfu", "MFU", "{:.1%}"), ("peak_mem_gb", "peak mem (GiB)", "{:.2f}"),
+                           ("trainable", "trainable", "{:.2%}")]))
     generation = bench_generate(config, args, device) if args.gen_lengths else []
     if generation:
         print()

@@ -34,3 +34,15 @@ def test_bench_prints_markdown_tables_and_json(tmp_path):
     measured = [r for r in results["train"] if "skipped" not in r]
     assert all(r["tok_s"] > 0 and r["real_tok_s"] <= r["tok_s"] for r in measured)
     assert {(r["new_tokens"], r["kv_cache"]) for r in results["generate"]} == {(4, "dynamic"), (4, "static"), (4, "none")}
+
+
+def test_bench_times_lora_and_dora_against_full_training():
+    from scripts.bench import main
+
+    results = main(["--hidden_size", "64", "--num_hidden_layers", "2", "--batch_size", "2", "--seq_len", "32",
+                    "--steps", "1", "--repeats", "1", "--warmup", "1", "--gen_lengths", "--compare", "adapter",
+                    "--device", "cpu"])
+    full, lora, dora = results["train"]
+    assert [full["variant"], lora["variant"], dora["variant"]] == ["baseline", "LoRA r16", "DoRA r16"]
+    assert full["trainable"] == 1 and 0 < lora["trainable"] < dora["trainable"] < 1  # DoRA adds m: one per row
+    assert all(r["step_ms"] > 0 for r in results["train"])

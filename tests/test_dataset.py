@@ -157,6 +157,55 @@ def test_sft_truncation(tok, tmp_path):
     assert (ds[0]["labels"] == IGN).all()
 
 
+# Three exchanges; the third is answered through a tool: think + tool call, the tool's result, then the answer.
+TOOL_CALL = {"name": "get_weather", "arguments": {"city": "Paris"}}
+THREE_TURNS = [
+    {"role": "system", "content": "You are a helpful assistant.", "tools": [{"name": "get_weather"}]},
+    {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+    {"role": "user", "content": "What is the weather?"},
+    {"role": "assistant", "content": "Where?", "reasoning_content": "No city."},
+    {"role": "user", "content": "In Paris?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Need a tool.", "tool_calls": [TOOL_CALL]},
+    {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
+
+
+def three_turn_pieces(loss_turns: str) -> list[tuple[str, bool]]:
+    earlier = loss_turns == "all"  # "last": the first two replies are context, the final one (both parts) learned
+    tools = '<tools>{"name": "get_weather"}</tools>'
+    return [(f"<|im_start|>system\nYou are a helpful assistant.{tools}<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n"
+             "<|im_start|>assistant\n", False), ("Hi!<|im_end|>", earlier),
+            ("\n<|im_start|>user\nWhat is the weather?<|im_end|>\n<|im_start|>assistant\n", False),
+            ("<think>No city.</think>Where?<|im_end|>", earlier),
+            ("\n<|im_start|>user\nIn Paris?<|im_end|>\n<|im_start|>assistant\n", False),
+            (f"<think>Need a tool.</think><tool_call>{json.dumps(TOOL_CALL)}</tool_call><|im_end|>", True),
+            ("\n<|im_start|>user\n<tool_response>sunny</tool_response><|im_end|>\n<|im_start|>assistant\n", False),
+            ("It is sunny.<|im_end|>", True), ("\n", False)]
+
+
+@pytest.mark.parametrize("loss_turns", ["all", "last"])
+def test_loss_turns_labels_token_by_token(tok, tmp_path, loss_turns):
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": THREE_TURNS}])
+    item = SFTDataset(path, tok, max_seq_len=512, loss_turns=loss_turns)[0]
+    want_ids, want_labels = expected(tok, three_turn_pieces(loss_turns))
+    assert item["input_ids"].tolist() == want_ids
+    assert item["labels"].tolist() == want_labels
+
+
+def test_loss_turns_last_under_truncation(tok, tmp_path):
+    """The final reply is the conversation's: a cut that removes it leaves nothing supervised (not the turn before)."""
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": THREE_TURNS}])
+    ds = SFTDataset(path, tok, max_seq_len=512, loss_turns="last")
+    want_ids, want_labels = expected(tok, three_turn_pieces("last"))
+    call_start = next(i for i, label in enumerate(want_labels) if label != IGN)
+    for cut in (call_start - 1, call_start + 3, len(want_ids) - 2):
+        ds.max_seq_len = cut
+        assert ds[0]["labels"].tolist() == want_labels[:cut]
+    ds.max_seq_len = call_start - 1
+    assert (ds[0]["labels"] == IGN).all()
+    with pytest.raises(ValueError, match="loss_turns must be one of all, last"):
+        SFTDataset(path, tok, max_seq_len=512, loss_turns="first")
+
+
 def test_sft_errors_name_file_and_line(tok, tmp_path):
     good = {"conversations": CHAT}
     path = write_jsonl(tmp_path / "sft.jsonl", [good, "", "{not json", {"messages": []}, good,

@@ -1,4 +1,4 @@
-"""LoRA: exact at init, trains only its own matrices, merges, saves/loads, and matches peft's numbers."""
+"""LoRA and DoRA: exact at init, train only their own tensors, merge, save/load, and match peft's numbers."""
 
 import copy
 import re
@@ -11,8 +11,8 @@ from model import MiniMindConfig, MiniMindForCausalLM
 from model.files import REPO_ROOT
 from model.weights import load_weights, save_weights
 from model.model_lora import (
-    LoRALinear, apply_lora, load_lora, lora_parameter_count, lora_path, lora_state_dict, lora_summary, merge_lora,
-    save_lora,
+    DoRALinear, LoRALinear, apply_lora, load_lora, lora_parameter_count, lora_path, lora_state_dict, lora_summary,
+    merge_lora, read_lora_file, save_lora,
 )
 
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
@@ -33,6 +33,18 @@ def _randomize_lora(model: nn.Module, std: float = 0.05) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_(0.0, std)
+
+
+def _train_a_few_steps(model: nn.Module, steps: int = 3) -> dict[str, torch.Tensor]:
+    """AdamW on the trainable parameters, lr 1e-2, on random tokens; returns the state dict after."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        x = _tokens()
+        model(x, labels=x).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.state_dict()
 
 
 def _base_and_lora(config: MiniMindConfig, **lora) -> tuple[MiniMindForCausalLM, MiniMindForCausalLM, list[str]]:
@@ -57,15 +69,7 @@ def test_training_changes_only_lora(tiny):
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(re.search(r"\.lora_[AB]$", name) for name in trainable)
 
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        x = _tokens()
-        model(x, labels=x).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    after = model.state_dict()
+    after = _train_a_few_steps(model)
     for key in base.state_dict():
         assert torch.equal(after[key], before[key]), f"base weight {key} changed"
     lora_keys = [k for k in after if ".lora_" in k]
@@ -180,14 +184,13 @@ def test_apply_lora_refuses_bad_requests(tiny):
         apply_lora(model, rank=2)
 
 
-def test_matches_peft(tiny):
+def _peft_twin(base: nn.Module, model: nn.Module, names: list[str], targets: list[str], **config) -> nn.Module:
+    """peft's LoRA (DoRA with use_dora=True) on ``base``, holding ``model``'s A, B (and magnitude) tensors."""
     from peft import LoraConfig, get_peft_model
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    base, model, names = _base_and_lora(tiny(), rank=4, alpha=8, targets=targets)
-    _randomize_lora(model)
-    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0,
-                                                init_lora_weights=False)).eval()
+    config = {"lora_dropout": 0.0, **config}
+    reference = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                                                **config)).eval()
     inner = reference.base_model.model
     assert sorted(names) == sorted(n for n, m in inner.named_modules() if hasattr(m, "lora_A") and n)
     with torch.no_grad():
@@ -195,6 +198,16 @@ def test_matches_peft(tiny):
             ours, theirs = model.get_submodule(name), inner.get_submodule(name)
             theirs.lora_A["default"].weight.copy_(ours.lora_A)
             theirs.lora_B["default"].weight.copy_(ours.lora_B)
+            if isinstance(ours, DoRALinear):
+                theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude)
+    return reference
+
+
+def test_matches_peft(tiny):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base, model, names = _base_and_lora(tiny(), rank=4, alpha=8, targets=targets)
+    _randomize_lora(model)
+    reference = _peft_twin(base, model, names, targets)
     x = _tokens()
     assert torch.allclose(_logits(model, x), _logits(reference, x), atol=1e-5)
 
@@ -278,3 +291,116 @@ def test_an_older_file_without_a_layer_count_still_loads(tiny, tmp_path):
     del data["lora_config"]["num_hidden_layers"]
     torch.save(data, path)
     assert load_lora(MiniMindForCausalLM(tiny()), path) == ["model.layers.0.self_attn.q_proj"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# DoRA
+
+
+def _randomize_dora(model: nn.Module) -> None:
+    """A and B as in _randomize_lora, and a magnitude that is no longer the weight's norm."""
+    _randomize_lora(model)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, DoRALinear):
+                layer.lora_magnitude.mul_(1 + 0.2 * torch.randn_like(layer.lora_magnitude))
+
+
+def test_dora_init_equals_base_exactly(tiny):
+    base, model, names = _base_and_lora(tiny(), rank=4, lora_type="dora")
+    assert all(isinstance(model.get_submodule(n), DoRALinear) for n in names)
+    x = _tokens()
+    assert torch.equal(_logits(model, x), _logits(base, x))  # m = ‖W‖ and B = 0: exactly the base model
+    assert set(model.state_dict()) - set(base.state_dict()) == {f"{n}.lora_{m}" for n in names
+                                                                for m in ("A", "B", "magnitude")}
+    layer = model.model.layers[0].mlp.down_proj
+    torch.testing.assert_close(layer.lora_magnitude, layer.weight.norm(dim=1), rtol=0, atol=0)
+
+
+def test_dora_matches_peft(tiny):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base, model, names = _base_and_lora(tiny(), rank=4, alpha=8, targets=targets, lora_type="dora")
+    _randomize_dora(model)
+    x = _tokens()
+    plain_lora = copy.deepcopy(model)  # the same A and B without the magnitude: DoRA must differ from it
+    for name in names:
+        layer = plain_lora.get_submodule(name)
+        layer.__class__ = LoRALinear
+        del layer.lora_magnitude
+    assert not torch.allclose(_logits(model, x), _logits(plain_lora, x), atol=1e-3)
+    reference = _peft_twin(base, model, names, targets, use_dora=True)
+    torch.testing.assert_close(_logits(model, x), _logits(reference, x), rtol=0, atol=1e-5)
+
+    # The same gradients too: the norm is a constant to backprop in both (a norm that is not detached changes them).
+    model(x, labels=x).loss.backward()
+    reference(input_ids=x, labels=x).loss.backward()
+    inner = reference.base_model.model
+    for name in names:
+        ours, theirs = model.get_submodule(name), inner.get_submodule(name)
+        pairs = [(ours.lora_A, theirs.lora_A["default"].weight), (ours.lora_B, theirs.lora_B["default"].weight),
+                 (ours.lora_magnitude, theirs.lora_magnitude_vector["default"].weight)]
+        for mine, peft_param in pairs:
+            torch.testing.assert_close(mine.grad, peft_param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dora_matches_peft_under_dropout(tiny):
+    """In training with dropout, peft rescales the base output of the dropped-out input: the same masks (one draw per
+    layer, in the same order) give the same logits."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    base, model, names = _base_and_lora(tiny(), rank=4, alpha=8, targets=targets, lora_type="dora", dropout=0.3)
+    _randomize_dora(model)
+    reference = _peft_twin(base, model, names, targets, use_dora=True, lora_dropout=0.3)
+    x = _tokens()
+    model.train(), reference.train()
+    torch.manual_seed(1)
+    ours = _logits(model, x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours, _logits(reference, x), rtol=0, atol=1e-5)
+    assert not torch.allclose(ours, _logits(model.eval(), x), atol=1e-3)  # dropout did act
+
+
+def test_dora_merge_equals_the_unmerged_model(tiny, tmp_path):
+    base, model, _ = _base_and_lora(tiny(**MOE), rank=4, alpha=8, lora_type="dora")
+    _randomize_dora(model)
+    x = _tokens()
+    unmerged = _logits(model, x)
+    merged = merge_lora(model)
+    assert list(merged.state_dict()) == list(base.state_dict())
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(_logits(merged, x), unmerged, rtol=0, atol=1e-5)
+
+
+def test_dora_training_moves_a_b_and_m_never_the_base(tiny):
+    base, model, _ = _base_and_lora(tiny(), rank=4, lora_type="dora", dropout=0.1)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(re.search(r"\.lora_(A|B|magnitude)$", name) for name in trainable)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    after = _train_a_few_steps(model)
+    for key in base.state_dict():
+        assert torch.equal(after[key], before[key]), f"base weight {key} changed"
+    adapter = [k for k in after if ".lora_" in k]
+    assert all(not torch.equal(after[k], before[k]) for k in adapter), "A, B and m should all have moved"
+
+
+def test_dora_saves_its_type_and_loads_without_flags(tiny, tmp_path):
+    base, model, names = _base_and_lora(tiny(), rank=4, alpha=8, lora_type="dora")
+    _randomize_dora(model)
+    path = save_lora(model, tmp_path / "lora_dora_64.pth")
+    config, weights = read_lora_file(path)
+    assert config["lora_type"] == "dora" and f"{names[0]}.lora_magnitude" in weights
+    assert lora_summary(model).startswith("DoRA: ")
+
+    fresh = copy.deepcopy(base)
+    assert load_lora(fresh, path) == names
+    assert isinstance(fresh.get_submodule(names[0]), DoRALinear)
+    x = _tokens()
+    assert torch.equal(_logits(fresh, x), _logits(model, x))
+
+    with_lora = copy.deepcopy(base)  # a DoRA file does not go into plain LoRA layers, nor the other way round
+    apply_lora(with_lora, rank=4)
+    with pytest.raises(ValueError, match=f"{re.escape(names[0])}: the model's layer is lora, the file is dora"):
+        load_lora(with_lora, path)
+    lora_file = save_lora(with_lora, tmp_path / "lora_64.pth")
+    with pytest.raises(ValueError, match="the model's layer is dora, the file is lora"):
+        load_lora(fresh, lora_file)
+    assert read_lora_file(lora_file)[0]["lora_type"] == "lora"

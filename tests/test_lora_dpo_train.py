@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import runpy
 import subprocess
 import sys
 from argparse import Namespace
@@ -17,9 +18,9 @@ from torch.nn import functional as F
 from dataset import DPODataset, train_eval_split
 from model import MiniMindForCausalLM
 from model.files import REPO_ROOT
-from model.loading import load_tokenizer
+from model.loading import load_model, load_tokenizer
 from model.weights import load_weights, save_weights
-from model.model_lora import LoRALinear, load_lora, read_lora_file
+from model.model_lora import DoRALinear, LoRALinear, load_lora, read_lora_file
 from trainer import Stage, train
 from trainer.args import model_config
 from trainer.step import evaluate
@@ -190,6 +191,42 @@ def test_lora_trains_only_the_adapter_and_saves_only_it(work, tok, tmp_path, cap
     x = torch.randint(3, len(tok), (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(base(x).logits, trained(x).logits, rtol=0, atol=0)
+
+
+def test_dora_trains_leaves_the_base_alone_and_merges_with_convert_model(work, tok, tmp_path, monkeypatch):
+    args = parse_lora(flags(work, tmp_path, "sft.jsonl", "--max_steps", "4", "--learning_rate", "1e-2",
+                            "--lora_type", "dora", "--lora_name", "dora"))
+    models = []
+    train(capturing(LORA, models), args)
+    trained = models[0].eval()
+    base = load_weights(MiniMindForCausalLM(trained.config), work / "out" / "full_sft_64.pth").eval()
+    trained_state = trained.state_dict()
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(trained_state[name], tensor), f"{name} changed"  # bit-identical base
+
+    adapter = tmp_path / "lora" / "lora_dora_64.pth"
+    config, weights = read_lora_file(adapter)
+    layers = [name for name, m in trained.named_modules() if isinstance(m, DoRALinear)]
+    assert config["lora_type"] == "dora" and len(layers) == 2 * 7
+    assert sorted(weights) == sorted(f"{layer}.lora_{t}" for layer in layers for t in ("A", "B", "magnitude"))
+    assert all(not torch.equal(weights[f"{layer}.lora_magnitude"], base.get_submodule(layer).weight.norm(dim=1))
+               for layer in layers)  # m trained
+
+    x = torch.randint(3, len(tok), (2, 16))
+    with torch.no_grad():
+        expected = trained(x).logits
+    load_lora(base, adapter)  # no flag: the file says DoRA
+    with torch.no_grad():
+        torch.testing.assert_close(base(x).logits, expected, rtol=0, atol=0)
+
+    convert = runpy.run_path(str(REPO_ROOT / "scripts" / "convert_model.py"))["main"]
+    monkeypatch.setattr(sys, "argv", ["convert_model.py", "--weight", str(work / "out" / "full_sft_64.pth"),
+                                      "--merge_lora", str(adapter), "--output", str(tmp_path / "merged-hf")])
+    convert()
+    merged, _ = load_model(tmp_path / "merged-hf", device="cpu")
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, expected, rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -173,11 +173,12 @@ def test_sft_empty_think_ratio_needs_a_template_that_shows_empty_reasoning(tmp_p
 
 
 def test_train_full_sft_takes_the_ratio(capsys, tmp_path):
-    from trainer.train_full_sft import main, sft_data
+    from trainer.chat_data import chat_data as sft_data
+    from trainer.train_full_sft import main
 
     with pytest.raises(SystemExit) as exit:
         main(["--empty_think_ratio", "1.5"])
     assert exit.value.code == 2 and "--empty_think_ratio is a share of rows" in capsys.readouterr().err
     args = Namespace(data_path=str(REPO_ROOT / "dataset" / "demo" / "sft_tools.jsonl"), max_seq_len=64,
-                     skip_bad_lines=False, cache_dir=tmp_path, empty_think_ratio=0.25)
+                     skip_bad_lines=False, cache_dir=tmp_path, empty_think_ratio=0.25, loss_turns="all", mix_data=None)
     assert sft_data(args, load_tokenizer()).empty_think_ratio == 0.25

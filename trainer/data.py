@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dataset import DataError, train_eval_split
-from trainer.runtime import Runtime, ignore_ctrl_c
+from dataset import DataError, MixedRows, train_eval_split
+from trainer.runtime import Runtime, all_ranks, ignore_ctrl_c
 from trainer.stage import Batch, supervised_tokens
 
 Collate = Callable[[list[Batch]], Batch]
@@ -21,7 +21,9 @@ Collate = Callable[[list[Batch]], Batch]
 def split_data(dataset: Dataset, eval_size: int, seed: int, collate: Collate, rt: Runtime, source: str) \
         -> tuple[Dataset, Dataset | None]:
     """``dataset`` (read from ``source``) as (train, held-out eval or None), checked for what would make a run
-    pointless."""
+    pointless. Mixed rows (--mix_data) hold out rows of their main file only, then mix into its training rows."""
+    mixed = dataset if isinstance(dataset, MixedRows) else None
+    dataset = mixed.main if mixed else dataset
     if len(dataset) == 0:
         raise DataError(f"{source} has no rows")
     if eval_size >= len(dataset):
@@ -34,6 +36,7 @@ def split_data(dataset: Dataset, eval_size: int, seed: int, collate: Collate, rt
     if not train_set:
         raise DataError(f"--eval_size {eval_size} leaves no rows to train on (with the {left_out} that share "
                         f"their documents); lower it (0: no held-out eval)")
+    train_set = mixed.over(train_set) if mixed else train_set
     if rt.is_main:
         check_supervision(train_set, collate, rt)
     return train_set, eval_set
@@ -95,14 +98,27 @@ def plan_steps(train_rows: int, batch_size: int, accumulation_steps: int, world_
     return plan
 
 
-def epoch_loader(data: Dataset, batch_size: int, collate: Collate, seed: int, epoch: int, skip_rows: int,
-                 num_workers: int | None, rt: Runtime) -> DataLoader:
-    """This rank's batches of one epoch. The order is a function of (seed, epoch) only, so a resumed run skips
-    exactly the rows it already trained on and then sees the same batches as an uninterrupted one."""
+def epoch_order(data: Dataset, seed: int, epoch: int, rt: Runtime) -> list[int]:
+    """This rank's rows of one epoch, in order. A function of (seed, epoch) only, so a resumed run skips exactly the
+    rows it already trained on and then sees the same batches as an uninterrupted one."""
     sampler = DistributedSampler(data, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def report_mix(data: MixedRows, trained: list[int], epoch: int, rt: Runtime) -> None:
+    """Print the share of the epoch's trained rows (all ranks) that come from the mix file: the asked one up to
+    rounding and the partial step each epoch drops."""
+    mixed, rows = all_ranks(rt, torch.tensor([data.mixed_in(trained), len(trained)], device=rt.device)).tolist()
+    rt.print(f"[mix] epoch {epoch + 1}: {mixed} of {rows} rows ({mixed / max(rows, 1):.1%}) from --mix_data "
+             f"(--mix_ratio {data.ratio:g})")
+
+
+def epoch_loader(data: Dataset, batch_size: int, collate: Collate, rows: list[int], num_workers: int | None,
+                 rt: Runtime) -> DataLoader:
+    """This rank's batches of ``rows`` (of one epoch, less those a resumed run has trained on)."""
     workers = num_workers if num_workers is not None else (0 if rt.device.type == "cpu" else 4)
-    return DataLoader(data, batch_size=batch_size, sampler=list(sampler)[skip_rows:], collate_fn=collate,
+    return DataLoader(data, batch_size=batch_size, sampler=rows, collate_fn=collate,
                       drop_last=True, num_workers=workers, pin_memory=rt.device.type == "cuda",
                       worker_init_fn=ignore_ctrl_c,
                       generator=torch.Generator())  # own generator: creating a loader leaves the global RNG alone
@@ -112,9 +128,13 @@ def step_batches(data: Dataset, plan: Plan, start_step: int, collate: Collate, s
                  rt: Runtime) -> Iterator[Iterator[Batch]]:
     """For each optimizer step from ``start_step`` on, its ``accumulation_steps`` micro-batches (the caller stops
     at ``plan.total``)."""
+    step_rows = plan.accumulation_steps * plan.batch_size  # per rank
     for epoch in itertools.count(start_step // plan.steps_per_epoch):
         done = max(0, start_step - epoch * plan.steps_per_epoch)
-        skip_rows = done * plan.accumulation_steps * plan.batch_size
-        batches = iter(epoch_loader(data, plan.batch_size, collate, seed, epoch, skip_rows, num_workers, rt))
+        order = epoch_order(data, seed, epoch, rt)
+        if isinstance(data, MixedRows):
+            data.set_epoch(epoch)  # this epoch's draw, before the loader (and its workers) take the dataset
+            report_mix(data, order[:plan.steps_per_epoch * step_rows], epoch, rt)
+        batches = iter(epoch_loader(data, plan.batch_size, collate, order[done * step_rows:], num_workers, rt))
         for _ in range(done, plan.steps_per_epoch):
             yield itertools.islice(batches, plan.accumulation_steps)

@@ -1,6 +1,8 @@
 """Stage 3a, LoRA: train a small low-rank update beside each frozen weight of the full-SFT model, on chat data.
 
     python trainer/train_lora.py --lora_name identity        # after train_full_sft.py; no data or no GPU: demo-sized
+    python trainer/train_lora.py --lora_name identity --lora_type dora                       # DoRA instead of LoRA
+    python trainer/train_lora.py --lora_name identity --mix_data dataset/demo/sft.jsonl      # + 20 % general chats
     python trainer/train_lora.py --lora_name medical --data_path dataset/lora_medical.jsonl   # GPU: MiniMind's recipe
     torchrun --nproc_per_node 2 trainer/train_lora.py --lora_name identity                   # DDP
 
@@ -13,12 +15,13 @@ from pathlib import Path
 import torch.distributed as dist
 from torch import nn
 
-from dataset import SFTDataset, resolve_data_path
+from dataset import resolve_data_path
 from dataset import files as data_files
 from model import MiniMindConfig
-from model.model_lora import DEFAULT_TARGETS, apply_lora, lora_path, lora_summary, save_lora
+from model.model_lora import DEFAULT_TARGETS, LAYER_TYPES, apply_lora, lora_path, lora_summary, save_lora
 from trainer import Stage, build_parser, parse_args, run
 from trainer.args import fail
+from trainer.chat_data import add_chat_data_args, chat_data, check_chat_data_args
 
 
 DEFAULT_NAME = "identity"  # the only name with a bundled demo set to fall back on
@@ -39,15 +42,10 @@ def lora_file(args: Namespace) -> Path:
     return resolve_data_path(args.data_path, [name], "lora_identity.jsonl")
 
 
-def lora_data(args: Namespace, tokenizer) -> SFTDataset:
-    return SFTDataset(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines,
-                      cache_dir=args.cache_dir)
-
-
 def add_lora(model: nn.Module, args: Namespace) -> None:
     """Wrap the target layers and freeze everything else: the engine's optimizer then holds the LoRA matrices only."""
     targets = "square" if args.lora_targets == ["square"] else args.lora_targets
-    wrapped = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+    wrapped = apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, targets=targets, lora_type=args.lora_type)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{lora_summary(model)}: rank {args.lora_rank} on {len(wrapped)} layers", flush=True)
 
@@ -56,7 +54,7 @@ def adapter_path(args: Namespace, config: MiniMindConfig) -> Path:
     return lora_path(args.lora_name, config, args.out_dir)
 
 
-LORA = Stage("lora", lora_data, setup=add_lora, weights_path=adapter_path, save_weights=save_lora)
+LORA = Stage("lora", chat_data, setup=add_lora, weights_path=adapter_path, save_weights=save_lora)
 
 
 def parse(argv: list[str] | None = None) -> Namespace:
@@ -66,17 +64,22 @@ def parse(argv: list[str] | None = None) -> Namespace:
     lora.add_argument("--lora_name", default=DEFAULT_NAME,
                       help="the adapter's name: out/lora/lora_<name>_<hidden>.pth; without --data_path it trains on "
                       "dataset/lora_<name>.jsonl (identity: the bundled demo set if that file is missing)")
+    lora.add_argument("--lora_type", default="lora", choices=list(LAYER_TYPES),
+                      help="dora: DoRA (Liu et al. 2024), a trainable magnitude per output feature besides A and B; "
+                      "the file records the type, so loading and merging need no flag")
     lora.add_argument("--lora_rank", type=int, default=16)
     lora.add_argument("--lora_alpha", type=float, default=None,
                       help="the update is scaled by alpha/rank (default: alpha = rank, unscaled as in MiniMind)")
     lora.add_argument("--lora_targets", nargs="+", default=list(DEFAULT_TARGETS),
                       help="layer names or regexes to adapt, or 'square' (MiniMind's choice: q_proj/o_proj with GQA)")
+    add_chat_data_args(parser)
     # The bundled identity set is small: at 1e-4 a few hundred steps barely move a rank-16 adapter.
     args = parse_args(parser, argv, lora_file, demo=dict(batch_size=8, max_seq_len=256, learning_rate=1e-3,
                                                          max_steps=150, log_interval=10, eval_interval=50,
                                                          eval_size=16))
     if args.save_hf:
         fail("--save_hf: a LoRA run saves the adapter only; merge it into the base (merge_lora) to export")
+    check_chat_data_args(args)
     return args
 
 
