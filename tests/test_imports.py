@@ -98,7 +98,13 @@ def defined_names(path: Path) -> set[str]:
     return names
 
 
-PYTHON_FILES = sorted(path for path in REPO_ROOT.rglob("*.py") if not {".git", ".venv"} & set(path.parts))
+def is_project_file(path: Path) -> bool:
+    """Not in a hidden folder (.git, .venv, CI's .ci/venv) nor in an installed package (a venv under any name)."""
+    parts = path.relative_to(REPO_ROOT).parts
+    return not any(part.startswith(".") or part == "site-packages" for part in parts)
+
+
+PYTHON_FILES = sorted(path for path in REPO_ROOT.rglob("*.py") if is_project_file(path))
 
 
 @pytest.mark.parametrize("path", PYTHON_FILES, ids=lambda path: str(path.relative_to(REPO_ROOT)))
