@@ -12,6 +12,7 @@ own Hugging Face wrapper (``HFLM``) scores it, so the numbers are lm-eval's, wit
 Multiple-choice tasks compare the log-likelihood of each answer after the question (``acc``: summed over the answer's
 tokens; ``acc_norm``: divided by its length in characters); generative ones (gsm8k) generate greedily and match the
 answer.
+
 The table shows each score with its standard error, the chance level (the mean of 1/number-of-choices over the items
 scored), and MiniMind's published minimind-3 score for the same task (its README: lm-eval, ``acc``).
 

@@ -322,9 +322,13 @@ def test_cli_saves_a_loadable_student_resumes_and_refuses_another_vocabulary(wor
     model, _ = load_model("full_dist", hidden_size=32, directory=out, device="cpu")
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 1)
 
-    resumed = run_script(*argv, "--out_dir", str(out), "--max_steps", "3", "--from_resume", "1")
+    resumed = run_script(*argv, "--out_dir", str(out), "--max_steps", "3", "--from_resume", "1", "--teacher_device",
+                         "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "at step 2/3" in resumed.stdout and "done: 3 steps" in resumed.stdout
+    # where the teacher sits changes nothing the run computes: no note for it, only for what does
+    assert [line for line in resumed.stdout.splitlines() if "[resume] note" in line] == [
+        "[resume] note: --max_steps was 2, now 3"]
 
     config = json.loads((out / "full_sft_64.json").read_text())
     (out / "full_sft_64.json").write_text(json.dumps({**config, "tokenizer_vocab": "0123456789abcdef"}))

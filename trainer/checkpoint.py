@@ -91,7 +91,8 @@ def rescaled_step(step: int, global_batch: int, steps_per_epoch: int | None, new
 # (a stage's own flags included) makes a different run from the one saved, and gets a note.
 INCIDENTAL_SETTINGS = {"from_resume", "device", "use_compile", "compile_mode", "num_workers", "ddp", "local_rank",
                        "time_budget", "skip_bad_lines", "cache_dir", "out_dir", "save_interval", "save_hf",
-                       "log_interval", "eval_interval", "use_wandb", "wandb_project", "peak_tflops"}
+                       "log_interval", "eval_interval", "use_wandb", "wandb_project", "peak_tflops",
+                       "teacher_device", "reward_device"}
 
 
 def bad_row_error(bad_row: DataError, saved: str) -> DataError:

@@ -54,6 +54,7 @@ from dataset import DataError, iter_documents
 from dataset.sources import chatterbot_dialogues, fetch_sources, fortune_cookies
 from model.cli import HelpFormatter
 from model.files import resolve_path
+from trainer.args import fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO_ROOT / "model"
@@ -201,13 +202,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="replace a tokenizer in --out_dir even if its vocabulary differs (its checkpoints break)")
     args = parser.parse_args(argv)
     if args.vocab_size < MIN_VOCAB_SIZE:
-        parser.error(f"--vocab_size {args.vocab_size}: the special tokens and the 256 byte symbols alone take "
-                     f"{MIN_VOCAB_SIZE}; give at least that")
+        fail(f"--vocab_size {args.vocab_size}: the special tokens and the 256 byte symbols alone take "
+             f"{MIN_VOCAB_SIZE}; give at least that")
 
     corpus = resolve_path(args.corpus) if args.corpus else None
     if corpus is not None and not corpus.is_file():
-        parser.error(f"--corpus {args.corpus}: no such file (a relative path: in the current directory, else in "
-                     f"the repo root {REPO_ROOT})")
+        fail(f"--corpus {args.corpus}: no such file (a relative path: in the current directory, else in the repo "
+             f"root {REPO_ROOT})")
     out_dir = resolve_path(args.out_dir) if args.out_dir else MODEL_DIR  # as the trainers resolve --out_dir
     start = time.time()
     try:
