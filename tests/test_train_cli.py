@@ -282,11 +282,16 @@ def test_a_finished_stage_names_the_next_and_a_cut_one_how_to_continue(tmp_path,
     commands = what_next("full_sft", sft, Result(10, 0, 0.0, []), ["trainer/train_full_sft.py"]).splitlines()
     assert [c.split()[:3] for c in commands] == [["next:", "python", "trainer/train_dpo.py"],
                                                  ["next:", "python", "trainer/train_lora.py"],
+                                                 ["next:", "python", "trainer/train_grpo.py"],
                                                  ["next:", "python", "eval_llm.py"]]
     dpo = parse_dpo(shlex.split(commands[0])[3:])
     assert (dpo.from_weight, dpo.hidden_size, dpo.use_moe, dpo.out_dir) == ("my_sft", 64, 1, str(tmp_path / "my runs"))
-    chat = eval_llm.parse_args(shlex.split(commands[2])[3:])
+    chat = eval_llm.parse_args(shlex.split(commands[3])[3:])
     assert (chat.weight, chat.hidden_size, chat.out_dir) == ("my_sft", 64, str(tmp_path / "my runs"))
+
+    assert "--from_weight my_sft" in commands[2]  # GRPO starts from full_sft by default, not from my_sft
+    after_dpo = what_next("dpo", stage_args(parse_dpo), Result(10, 0, 0.0, []), ["trainer/train_dpo.py"]).splitlines()
+    assert after_dpo[0] == "next: python trainer/train_grpo.py --from_weight dpo"
 
     lora = stage_args(parse_lora, "--lora_name", "me")
     [chat_line] = what_next("lora", lora, Result(10, 0, 0.0, []), ["trainer/train_lora.py"]).splitlines()

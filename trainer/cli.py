@@ -9,14 +9,15 @@ from argparse import Namespace
 
 from dataset import DataError
 from model.files import SaveError
+from model.loading import STARTS_FROM, TRAIN_SCRIPTS
 from model.weights import CheckpointMismatch
 from trainer.engine import Result, TrainingDiverged, train
 from trainer.runtime import shutdown
 from trainer.stage import Stage
 
 # The pipeline, stage by stage: what each one's weights are for next (speedrun.sh runs it in one go).
-NEXT = {"pretrain": ["full_sft"], "full_sft": ["dpo", "lora", "chat"], "dpo": ["chat"], "lora": ["chat"],
-        "full_dist": ["chat"]}
+NEXT = {"pretrain": ["full_sft"], "full_sft": ["dpo", "lora", "grpo", "chat"], "dpo": ["grpo", "chat"],
+        "lora": ["chat"], "grpo": ["chat"], "ppo_actor": ["chat"], "full_dist": ["chat"]}
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
@@ -77,8 +78,8 @@ def next_commands(stage: str, args: Namespace) -> list[str]:
             weight = ["--weight", args.from_weight, "--lora_weight", args.lora_name] if stage == "lora" else \
                 ["--weight", args.save_weight]
             words = ["python", "eval_llm.py", *weight]
-        else:  # a training stage starts from this one's weights, by their name
-            words = ["python", f"trainer/train_{after}.py"]
-            words += ["--from_weight", args.save_weight] if args.save_weight != stage else []
+        else:  # a training stage starts from this one's weights, by their name (unless that is its default)
+            words = ["python", f"trainer/{TRAIN_SCRIPTS.get(after, f'train_{after}.py')}"]
+            words += ["--from_weight", args.save_weight] if args.save_weight != STARTS_FROM.get(after) else []
         commands.append(shlex.join([*words, *shape]))
     return commands
