@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from model.files import REPO_ROOT
+from model.generation import up_to_first_stop
 from model.loading import load_tokenizer
 from trainer import Stage, train
 from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
-from trainer.rollout import masked_mean, reply_logps, up_to_first_stop
+from trainer.rollout import masked_mean, reply_logps
 from trainer.runtime import Runtime
 from trainer.train_grpo import GRPO, group_advantages, grpo_stage, grpo_token_loss, k3_kl, parse
 
