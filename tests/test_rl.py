@@ -286,6 +286,20 @@ def test_clipped_value_loss_by_hand():
     torch.testing.assert_close(loss, torch.tensor([0.845, 0.5 * 1.4 ** 2]))
 
 
+def test_the_critic_gradient_does_not_shrink_the_actor_step():
+    from trainer.step import optimizer_step
+
+    # PPO's two parameter groups (actor, critic) are clipped apart, as MiniMind's two optimizers: clipped together, the
+    # critic's large early gradient (norm 10 here) would scale the actor's step by 1/10
+    actor, critic = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    actor.grad, critic.grad = torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])  # norms 0.5 and 10
+    optimizer = torch.optim.SGD([{"params": [actor]}, {"params": [critic]}], lr=1.0)
+    norm = optimizer_step([actor, critic], optimizer, torch.amp.GradScaler("cpu", enabled=False), grad_clip=1.0)
+    assert norm.item() == pytest.approx((0.5 ** 2 + 10 ** 2) ** 0.5)  # the norm before clipping, of both
+    torch.testing.assert_close(actor.detach(), torch.tensor([-0.3, -0.4]))  # under the clip: a full step
+    torch.testing.assert_close(critic.detach(), torch.tensor([-0.6, -0.8]), rtol=1e-5, atol=1e-6)  # clipped to 1
+
+
 def ppo_flags(tmp_path: Path, *flags: str) -> list[str]:
     return tiny_flags(tmp_path, "--save_weight", "ppo_actor", "--num_generations", "1", "--batch_size", "4",
                       "--mini_batch_size", "2", "--critic_learning_rate", "1e-2", *flags)
