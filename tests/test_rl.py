@@ -15,7 +15,7 @@ from model.generation import up_to_first_stop
 from model.loading import load_tokenizer
 from trainer import Stage, train
 from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
-from trainer.rollout import masked_mean, reply_logps
+from trainer.rollout import masked_mean, reply_logps, token_logps
 from trainer.runtime import Runtime
 from trainer.train_grpo import GRPO, group_advantages, grpo_stage, grpo_token_loss, k3_kl, parse
 
@@ -99,6 +99,24 @@ def test_sequence_and_token_means_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the first reply stopped after 2 tokens
     assert masked_mean(values, mask).item() == pytest.approx((2 + 4) / 2)
     assert masked_mean(values, mask, per_sequence=False).item() == pytest.approx((1 + 3 + 12) / 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logps_equal_one_piece_and_keep_no_whole_float32_copy(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 300, dtype=dtype, requires_grad=True)  # 5 replies of 7 tokens, a vocabulary of 300
+    targets, weights = torch.randint(0, 300, (5, 7)), torch.randn(5, 7)
+    scaled = logits.float() / 0.7
+    whole = scaled.gather(-1, targets[..., None]).squeeze(-1) - scaled.logsumexp(-1)
+    (whole_grad,) = torch.autograd.grad((whole * weights).sum(), logits)
+    saved = []  # what autograd keeps for the backward pass
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        chunked = token_logps(logits, targets, 0.7, rows=2)
+    (chunked_grad,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)  # to the bit
+    assert max(saved) <= 2 * 7 * 300  # one chunk of 2 replies at most (one piece keeps the whole scaled copy)
+    with torch.no_grad():
+        assert torch.equal(token_logps(logits, targets, 0.7), whole)
 
 
 def test_reply_mask_runs_to_the_first_stop_token():

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dataset import resolve_data_path
 from dataset.rl_dataset import RLPromptDataset
@@ -66,6 +67,20 @@ def generation_prompt(tokenizer: Any, row: Row, think: bool) -> str:
     return chat_prompt(tokenizer, row["messages"], row.get("tools"), open_thinking=True if think else None)
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, rows: int = 2) \
+        -> torch.Tensor:
+    """log softmax(logits / temperature) at ``targets`` ([N, R, V] logits, [N, R] targets -> [N, R] float32), ``rows``
+    replies at a time: the float32 copies of the logits (scaled, exponentiated, their gradient) exist for one chunk at
+    a time, and with grad on each chunk is recomputed in the backward pass instead of kept. Every row's numbers are
+    those of the one-piece computation, to the bit."""
+    def chunk(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        scaled = logits.float() / temperature
+        return scaled.gather(-1, targets[..., None]).squeeze(-1) - scaled.logsumexp(-1)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    return torch.cat([checkpoint(chunk, l, t, use_reentrant=False) if grad else chunk(l, t)
+                      for l, t in zip(logits.split(rows), targets.split(rows))])
+
+
 def reply_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) \
         -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per reply token, its log-probability under ``model`` at ``temperature`` ([N, R], float32), and the MoE
@@ -73,9 +88,8 @@ def reply_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) \
     they agree to the bit for the same weights."""
     reply_len = batch["reply_mask"].shape[1]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=reply_len + 1)
-    logits = out.logits[:, :-1].float() / temperature  # the logits at t score the token at t+1
-    targets = batch["input_ids"][:, -reply_len:]
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1), out.aux_loss
+    # the logits at t score the token at t+1
+    return token_logps(out.logits[:, :-1], batch["input_ids"][:, -reply_len:], temperature), out.aux_loss
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool = True) -> torch.Tensor:
