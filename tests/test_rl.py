@@ -2,6 +2,7 @@
 resume and DDP. Tiny models, CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -381,6 +382,58 @@ def test_a_local_reward_model_scores_each_reply(tmp_path):
     grpo, policy, rows = grpo_with_model(tmp_path, "--reward_model_path", str(tmp_path / "rm"))
     batch = grpo.rollouts.sample(policy, rows, step=0, rt=Runtime(torch.device("cpu"), torch.float32))
     assert batch["reward/reward_model"].shape == (12,) and torch.isfinite(batch["reward/reward_model"]).all()
+
+
+REMOTE_CODE = """
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class TinyRewardConfig(PretrainedConfig):
+    model_type = "tiny_reward"
+
+
+class TinyReward(PreTrainedModel):
+    config_class = TinyRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.post_init()
+
+    def get_score(self, tokenizer, messages):  # InternLM2-reward's interface: a chat in, a float out
+        reply = messages[-1]["content"]
+        if reply == "NaN please":
+            return float("nan")
+        return (self.scale * len(tokenizer(reply).input_ids) - 4).item()
+"""
+
+
+def remote_reward_model(folder: Path, scale: float) -> Path:
+    """A trust_remote_code reward model folder, InternLM2-reward style: config.json's auto_map names the model class in
+    a .py file beside it, which has get_score(tokenizer, messages); score = scale x the reply's tokens - 4."""
+    folder.mkdir(parents=True)
+    (folder / "modeling_tiny_reward.py").write_text(REMOTE_CODE)
+    auto_map = {"AutoConfig": "modeling_tiny_reward.TinyRewardConfig", "AutoModel": "modeling_tiny_reward.TinyReward"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny_reward", "architectures": ["TinyReward"],
+                                                    "auto_map": auto_map}))
+    from safetensors.torch import save_file
+    save_file({"scale": torch.tensor(scale)}, folder / "model.safetensors")  # a weight that must load
+    load_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_an_internlm2_style_reward_model_scores_through_get_score_clipped(tmp_path):
+    from trainer.rewards import RewardModel
+
+    model = RewardModel(str(remote_reward_model(tmp_path / "rm", scale=2.0)), clip=3.0)  # offline, trust_remote_code
+    tokens = len(model.tokenizer("ab").input_ids)
+    row = {"messages": [{"role": "user", "content": "hi"}]}
+    scores = model([Reply("ab", True, row), Reply("a long reply of many tokens", True, row),
+                    Reply("<think>reasoning</think>NaN please", True, row)])
+    assert scores[0] == pytest.approx(max(-3.0, 2.0 * tokens - 4))  # the saved scale (2), not the initial 1
+    assert scores[1] == 3.0  # clipped to +3
+    assert math.isnan(scores[2])  # scored on the answer after </think>; a NaN stays NaN (no clip to +3)
 
 
 def test_a_bad_reward_model_folder_is_one_clear_line(tmp_path):
