@@ -14,7 +14,7 @@ averaged over each reply's tokens up to its first stop token, then over replies 
 the bit); the reference is a frozen copy of the starting weights.
 
     python trainer/train_grpo.py                 # after train_full_sft.py (or dpo); no data or no GPU: demo-sized
-    python trainer/train_grpo.py --data_path dataset/rlaif.jsonl --reward_model_path ../internlm2-1_8b-reward
+    python trainer/train_grpo.py --data_path dataset/rlaif.jsonl --reward_model_path out/internlm2-1_8b-reward
 """
 
 from __future__ import annotations
