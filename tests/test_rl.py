@@ -464,6 +464,21 @@ def test_a_nan_reward_is_counted_and_a_long_prompt_keeps_its_end(tmp_path, monke
     assert torch.isfinite(loss) and metrics["prompt_truncated"] == 1
 
 
+def test_rl_memory_measures_its_grpo_child_with_flags_grpo_accepts(tmp_path):
+    from argparse import Namespace
+
+    from scripts.rl_memory import grpo_flags, peak_rss_gib
+
+    wanted = Namespace(preset="minimind2-small", batch_size=2, num_generations=6, max_gen_len=512,
+                       reward_model=tmp_path / "rm")
+    args = parse(grpo_flags(wanted, tmp_path / "out", ["--beta", "0"]))  # the demo defaults must not replace them
+    assert (args.batch_size, args.num_generations, args.max_gen_len, args.max_steps, args.reward_dtype, args.beta,
+            args.reward_model_path) == (2, 6, 512, 1, "bfloat16", 0.0, str(tmp_path / "rm"))
+    assert peak_rss_gib([sys.executable, "-c", "b = b'x' * (400 << 20)"]) > 400 / 1024  # the child's peak
+    with pytest.raises(SystemExit, match="failed"):
+        peak_rss_gib([sys.executable, "-c", "raise SystemExit(3)"])
+
+
 def test_eval_llm_names_the_rl_scripts_for_a_missing_checkpoint(tmp_path):
     import runpy
 
