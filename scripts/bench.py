@@ -201,7 +201,7 @@ def bench_generate(config: MiniMindConfig, args, device: torch.device) -> list[d
 @torch.inference_mode()
 def bench_rollout(config: MiniMindConfig, args, device: torch.device, dtype: str) -> dict:
     """Sampled tokens/s for ``prompts`` x ``generations`` replies of up to ``new_tokens`` each (prompts of 32 random
-    tokens, random weights: replies rarely stop early, and those tokens are not counted)."""
+    tokens, random weights: replies rarely stop early; the padding after a stop token is not counted)."""
     prompts, generations, new_tokens = args.rollout
     model = MiniMindForCausalLM(config).to(device)
     ids = torch.randint(3, config.vocab_size, (prompts, 32), generator=torch.Generator().manual_seed(0)).tolist()
