@@ -6,6 +6,9 @@
         print(piece, end="", flush=True)
     reply.completion_tokens, reply.tokens_per_second, reply.finish_reason
 
+    sampled = sample_replies(model, prompts, generators, max_new_tokens=512, temperature=1.0, stop_ids=[2, 0],
+                             pad_id=0)   # a batch of replies, each from its own generator (RL rollouts, bench.py)
+
 Generation stops at ``<|im_end|>`` or ``<|endoftext|>`` (both are eos ids), or after ``max_new_tokens``.
 """
 
@@ -15,11 +18,13 @@ import copy
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import (GenerationConfig, StopStringCriteria, StoppingCriteria, StoppingCriteriaList,
-                          TextIteratorStreamer)
+from torch import nn
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, StopStringCriteria,
+                          StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer)
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # ids 2 and 0 in MiniMind's tokenizer and ours
 # Sampling at a temperature this low is argmax in all but name (a logit gap of 0.001 becomes a factor e^100), and far
@@ -253,3 +258,66 @@ class ReasoningSplit:
 def partial_marker(text: str, markers: list[str]) -> int:
     """The length of the longest end of ``text`` that is the beginning of a marker (0: none)."""
     return max((k for marker in markers for k in range(1, len(marker)) if text.endswith(marker[:k])), default=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batched sampling with one random generator per reply: the RL rollouts (trainer/rollout.py) and bench.py's rollout row
+
+
+class GumbelSampling(LogitsProcessor):
+    """Sampling at ``temperature`` as greedy decoding of Gumbel-perturbed logits (argmax(l/T + g) is a sample of
+    softmax(l/T)), each row drawing its noise from its own generator."""
+
+    def __init__(self, generators: list[torch.Generator], temperature: float):
+        self.generators, self.temperature = generators, temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=g.device) for g in self.generators])
+        return scores.float() / self.temperature - torch.log(-torch.log(uniform.to(scores.device)))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a left-padded [N, T] tensor and its attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def up_to_first_stop(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of each row's tokens up to and including its first stop token, whether the row has one)."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
+    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before each position
+    return (stops_before == 0).long(), is_stop.any(-1)
+
+
+@dataclass
+class SampledReplies:
+    prompt_ids: torch.Tensor  # [N, P] left-padded prompts (CPU)
+    prompt_mask: torch.Tensor  # [N, P]
+    replies: torch.Tensor  # [N, R] sampled tokens, padded after a row's stop token (CPU)
+    reply_mask: torch.Tensor  # [N, R] 1 up to and including the first stop token
+    finished: torch.Tensor  # [N] the reply ended with a stop token within max_new_tokens
+
+
+@torch.no_grad()
+def sample_replies(model: nn.Module, prompts: list[list[int]], generators: list[torch.Generator], max_new_tokens: int,
+                   temperature: float, stop_ids: list[int], pad_id: int) -> SampledReplies:
+    """One reply per prompt (repeat a prompt for several), sampled with HF ``generate`` (KV cache) in eval mode, reply i
+    drawing its randomness from ``generators[i]`` alone: a reply does not depend on the others in its batch. Run it
+    under the autocast the caller trains with."""
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                              pad_token_id=pad_id)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device),
+                             generation_config=config,
+                             logits_processor=LogitsProcessorList([GumbelSampling(generators, temperature)]))
+    finally:
+        model.train(was_training)
+    replies = out[:, prompt_ids.shape[1]:].cpu()
+    reply_mask, finished = up_to_first_stop(replies, stop_ids)
+    return SampledReplies(prompt_ids, prompt_mask, replies, reply_mask, finished)

@@ -9,7 +9,10 @@ excluded, ``--repeats`` timings of ``--steps`` steps each, median reported. Each
 against the baseline (auto dtype, fused SDPA attention, no compile, fused AdamW where available, packed rows, all
 weights trained); ``--compare adapter`` times LoRA and DoRA (rank 16, default targets, base frozen) against it.
 Generation rows time greedy decoding of ``--gen_lengths`` new tokens for one prompt (on CUDA, transformers compiles
-the decode step with CUDA graphs when the KV cache is static).
+the decode step with CUDA graphs when the KV cache is static). The rollout row times what an RL step samples
+(``--rollout PROMPTS GENERATIONS NEW_TOKENS``): a batch of prompts x generations, each reply from its own generator,
+through the sampling code GRPO and PPO use (model.generation.sample_replies: KV cache, fp32 weights under the
+baseline dtype's autocast), counting the replies' tokens up to their stop token.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataset import IGNORE_INDEX, PretrainDataset, pad_collate, resolve_data_pat
 from model import MiniMindConfig, MiniMindForCausalLM
 from model.cli import HelpFormatter
 from model.flops import flops_per_token, peak_tflops
+from model.generation import sample_replies
 from model.devices import best_device, resolve_dtype
 from model.loading import load_tokenizer
 from model.model_lora import apply_lora, lora_parameter_count
@@ -194,6 +198,37 @@ def bench_generate(config: MiniMindConfig, args, device: torch.device) -> list[d
     return rows
 
 
+@torch.inference_mode()
+def bench_rollout(config: MiniMindConfig, args, device: torch.device, dtype: str) -> dict:
+    """Sampled tokens/s for ``prompts`` x ``generations`` replies of up to ``new_tokens`` each (prompts of 32 random
+    tokens, random weights: replies rarely stop early; the padding after a stop token is not counted)."""
+    prompts, generations, new_tokens = args.rollout
+    model = MiniMindForCausalLM(config).to(device)
+    ids = torch.randint(3, config.vocab_size, (prompts, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    autocast = torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else nullcontext()
+
+    def sample(seed: int):
+        generators = [torch.Generator(device).manual_seed(seed * 1000 + i) for i in range(prompts * generations)]
+        with autocast:
+            return sample_replies(model, [p for p in ids for _ in range(generations)], generators, new_tokens,
+                                  temperature=1.0, stop_ids=[2, 0], pad_id=0)
+
+    sample(0)  # warm-up
+    times, tokens = [], []
+    for seed in range(1, args.repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        sampled = sample(seed)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        tokens.append(int(sampled.reply_mask.sum()))
+    i = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]  # the median run
+    row = {"prompts": prompts, "generations": generations, "new_tokens": new_tokens, "dtype": dtype,
+           "tok_s": tokens[i] / times[i], "seconds": times[i]}
+    print(f"rollout: {row}", flush=True)
+    return row
+
+
 def markdown(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -221,11 +256,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compare", nargs="*", default=["dtype", "attention", "compile", "fused", "data"],
                    choices=["dtype", "attention", "compile", "fused", "data", "adapter"])
     p.add_argument("--gen_lengths", type=int, nargs="*", default=[64, 256])
+    p.add_argument("--rollout", type=int, nargs="*", default=[2, 6, 256], metavar="N",
+                   help="the rollout row: PROMPTS GENERATIONS NEW_TOKENS sampled as one batch (none: no rollout row)")
     p.add_argument("--peak_tflops", type=float, help="GPU bf16 peak for MFU when the name is not in the table")
     p.add_argument("--profile", nargs="*", metavar="VARIANT",
                    help="print the top kernels of one step for these rows, e.g. baseline torch.compile")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    if args.rollout and (len(args.rollout) != 3 or min(args.rollout) < 1):
+        p.error(f"--rollout takes three positive numbers, PROMPTS GENERATIONS NEW_TOKENS (got {args.rollout})")
 
     device = torch.device(args.device or best_device())
     overrides = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_hidden_layers", args.num_hidden_layers)) if v}
@@ -251,8 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
         print()
         print(markdown(generation, [("new_tokens", "new tokens", "{}"), ("kv_cache", "KV cache", "{}"),
                                     ("tok_s", "generation tokens/s", "{:,.1f}")]))
+    rollout = [bench_rollout(config, args, device, baseline.dtype)] if args.rollout else []
+    if rollout:
+        print()
+        print(markdown(rollout, [("prompts", "rollout: prompts", "{}"), ("generations", "generations", "{}"),
+                                 ("new_tokens", "new tokens", "{}"), ("dtype", "dtype", "{}"),
+                                 ("tok_s", "sampled tokens/s", "{:,.1f}")]))
     results = {"device": gpu, "torch": torch.__version__, "preset": args.preset, "config": overrides,
-               "batch_size": args.batch_size, "seq_len": args.seq_len, "train": train, "generate": generation}
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "train": train, "generate": generation,
+               "rollout": rollout}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -4,6 +4,7 @@
     python scripts/download_data.py pretrain_t2t_mini.jsonl sft_t2t_mini.jsonl # the recommended start
     python scripts/download_data.py dpo.jsonl --source hf                      # from Hugging Face instead
     python scripts/download_data.py out.pth --repo gongjy/minimind-3-pytorch --repo_type model --out_dir out
+    python scripts/download_data.py internlm2-1_8b-reward                       # a model folder -> out/<name>/
 
 Sources: ModelScope `gongjy/minimind_dataset` (default, fast in China) or Hugging Face
 `jingyaogong/minimind_dataset` (honours HF_ENDPOINT, e.g. https://hf-mirror.com). An interrupted download
@@ -11,6 +12,9 @@ leaves `<file>.part`; running the same command again resumes it with an HTTP Ran
 before it replaces anything: its size when the server announces one, and a .jsonl must start with a line of JSON (a
 hub can answer 200 with an HTML error page). Names are file names: no folders, no '..'. The URL patterns
 below follow the two hubs' documented "resolve" links; they were not tested against the live hubs from here.
+
+A model folder (MODEL_FOLDERS, e.g. MiniMind's reward model) is downloaded whole: the hub's file list of the repository
+(its API: Hugging Face's /api/models/<repo>, ModelScope's /api/v1/models/<repo>/repo/files), then each file as above.
 """
 
 from __future__ import annotations
@@ -30,10 +34,17 @@ from tqdm import tqdm
 
 from dataset.files import DATA_DIR, KNOWN_FILES
 from model.cli import HelpFormatter
+from model.files import OUT_DIR
 
 DEFAULT_REPOS = {"modelscope": "gongjy/minimind_dataset", "hf": "jingyaogong/minimind_dataset"}
 CHUNK = 1 << 20
 FIRST_LINE_LIMIT = 16 << 20  # a .jsonl whose first line is longer than this is no data file of ours
+# Whole model repositories the stages use: name -> (repository per source, size, purpose)
+MODEL_FOLDERS = {
+    "internlm2-1_8b-reward": ({"modelscope": "Shanghai_AI_Laboratory/internlm2-1_8b-reward",
+                               "hf": "internlm/internlm2-1_8b-reward"}, "~4 GB",
+                              "reward model for GRPO/PPO (--reward_model_path out/internlm2-1_8b-reward; MiniMind's)"),
+}
 
 class DownloadError(RuntimeError):
     pass
@@ -51,6 +62,41 @@ def file_url(name: str, source: str = "modelscope", repo: str | None = None, rep
         return f"{endpoint}/{prefix}{repo}/resolve/main/{name}"
     kind = "datasets" if repo_type == "dataset" else "models"
     return f"https://www.modelscope.cn/{kind}/{repo}/resolve/master/{name}"
+
+
+def repo_files(repo: str, source: str) -> list[str]:
+    """The files of a model repository on the hub, from its API (Hugging Face honours HF_ENDPOINT)."""
+    if source == "hf":
+        url = f"{os.environ.get('HF_ENDPOINT', 'https://huggingface.co').rstrip('/')}/api/models/{repo}"
+    else:
+        url = f"https://www.modelscope.cn/api/v1/models/{repo}/repo/files?Recursive=true"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "minimind-lab"}),
+                                    timeout=60) as response:
+            listing = json.load(response)
+        files = [f["rfilename"] for f in listing["siblings"]] if source == "hf" else \
+            [f["Path"] for f in listing["Data"]["Files"] if f.get("Type") == "blob"]
+    except (urllib.error.URLError, HTTPException, OSError, ValueError, KeyError, TypeError) as e:
+        raise DownloadError(f"cannot list the files of {repo} ({url}): {type(e).__name__}: {e}") from None
+    unsafe = [f for f in files if f.startswith("/") or ".." in Path(f).parts]
+    if unsafe:
+        raise DownloadError(f"{url} lists files outside the repository folder: {unsafe[:3]}")
+    return [f for f in files if f != ".gitattributes"]
+
+
+def download_folder(name: str, source: str, out_dir: Path, force: bool, retries: int) -> Path:
+    """Every file of the model repository MODEL_FOLDERS[name] into out_dir/name (present files are kept)."""
+    repo = MODEL_FOLDERS[name][0][source]
+    folder = out_dir / name
+    for file in repo_files(repo, source):
+        dest = folder / file
+        if dest.exists() and not force:
+            print(f"[download] {dest} exists, skipped")
+            continue
+        url = file_url(file, source, repo, "model")
+        print(f"[download] {url} -> {dest}")
+        download_file(url, dest, retries=retries)
+    return folder
 
 
 def _total_size(response) -> int | None:
@@ -148,6 +194,9 @@ def print_list() -> None:
     print(f"{'file':26} {'size':>7}  purpose")
     for name, (size, purpose) in KNOWN_FILES.items():
         print(f"{name:26} {size:>7}  {purpose}")
+    print(f"\n{'model folder':26} {'size':>7}  purpose")
+    for name, (_, size, purpose) in MODEL_FOLDERS.items():
+        print(f"{name:26} {size:>7}  {purpose}")
     print("\nStart with: pretrain_t2t_mini.jsonl sft_t2t_mini.jsonl dpo.jsonl lora_identity.jsonl")
 
 
@@ -159,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repo", help="another repository, e.g. gongjy/minimind-3-pytorch for weights")
     parser.add_argument("--repo_type", choices=["dataset", "model"], default="dataset")
     parser.add_argument("--base_url", help="download <base_url>/<file> instead (a mirror; used by the tests)")
-    parser.add_argument("--out_dir", type=Path, default=DATA_DIR, help="where to put the files (default: dataset/)")
+    parser.add_argument("--out_dir", type=Path, help="where to put the files (default: dataset/; model folders: out/)")
     parser.add_argument("--force", action="store_true", help="download again even if the file exists")
     parser.add_argument("--retries", type=int, default=3)
     args = parser.parse_args(argv)
@@ -169,7 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.files:
         check_name(name)
     for name in args.files:
-        dest = args.out_dir / name
+        if name in MODEL_FOLDERS and args.repo is None and args.base_url is None:
+            try:
+                folder = download_folder(name, args.source, args.out_dir or OUT_DIR, args.force, args.retries)
+            except DownloadError as e:
+                sys.exit(f"[download] failed: {e}")
+            print(f"[download] {folder} is complete")
+            continue
+        dest = (args.out_dir or DATA_DIR) / name
         if dest.exists() and not args.force:
             print(f"[download] {dest} exists, skipped (--force to download again)")
             continue

@@ -1,5 +1,6 @@
 """scripts/download_data.py against a local HTTP server with Range support (never the network)."""
 
+import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -152,3 +153,26 @@ def test_a_lora_name_minimind_does_not_publish_gets_no_download_hint(tmp_path, m
         err = capsys.readouterr().err
         assert (f"download_data.py lora_{name}.jsonl" in err) == published, err
         assert (f"MiniMind publishes no lora_{name}.jsonl" in err) != published and "--data_path" in err
+
+
+def test_a_model_folder_downloads_every_file_its_hub_lists(server, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", url(server))
+    repo = "/internlm/internlm2-1_8b-reward"
+    listing = {"siblings": [{"rfilename": n} for n in (".gitattributes", "config.json", "modeling_internlm2.py")]}
+    monkeypatch.setitem(FILES, f"/api/models{repo}", json.dumps(listing).encode())
+    monkeypatch.setitem(FILES, f"{repo}/resolve/main/config.json", b'{"auto_map": {}}')
+    monkeypatch.setitem(FILES, f"{repo}/resolve/main/modeling_internlm2.py", b"# remote code\n")
+    main(["internlm2-1_8b-reward", "--source", "hf", "--out_dir", str(tmp_path)])
+    folder = tmp_path / "internlm2-1_8b-reward"
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "modeling_internlm2.py"]
+    assert (folder / "modeling_internlm2.py").read_bytes() == b"# remote code\n"
+    fetched = len(server.requests)
+    main(["internlm2-1_8b-reward", "--source", "hf", "--out_dir", str(tmp_path)])  # again: only the list is asked
+    assert len(server.requests) == fetched + 1 and "exists, skipped" in capsys.readouterr().out
+    listing["siblings"].append({"rfilename": "../escape.py"})
+    monkeypatch.setitem(FILES, f"/api/models{repo}", json.dumps(listing).encode())
+    with pytest.raises(SystemExit, match="outside the repository folder"):
+        main(["internlm2-1_8b-reward", "--source", "hf", "--out_dir", str(tmp_path), "--force"])
+    assert not (tmp_path / "escape.py").exists()
+    main(["--list"])
+    assert "internlm2-1_8b-reward" in capsys.readouterr().out

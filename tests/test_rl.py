@@ -2,6 +2,7 @@
 resume and DDP. Tiny models, CPU."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import pytest
 import torch
 
 from model.files import REPO_ROOT
+from model.generation import up_to_first_stop
 from model.loading import load_tokenizer
 from trainer import Stage, train
 from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
-from trainer.rollout import masked_mean, reply_logps, up_to_first_stop
+from trainer.rollout import masked_mean, reply_logps, token_logps
 from trainer.runtime import Runtime
 from trainer.train_grpo import GRPO, group_advantages, grpo_stage, grpo_token_loss, k3_kl, parse
 
@@ -98,6 +100,24 @@ def test_sequence_and_token_means_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the first reply stopped after 2 tokens
     assert masked_mean(values, mask).item() == pytest.approx((2 + 4) / 2)
     assert masked_mean(values, mask, per_sequence=False).item() == pytest.approx((1 + 3 + 12) / 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_token_logps_equal_one_piece_and_keep_no_whole_float32_copy(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 300, dtype=dtype, requires_grad=True)  # 5 replies of 7 tokens, a vocabulary of 300
+    targets, weights = torch.randint(0, 300, (5, 7)), torch.randn(5, 7)
+    scaled = logits.float() / 0.7
+    whole = scaled.gather(-1, targets[..., None]).squeeze(-1) - scaled.logsumexp(-1)
+    (whole_grad,) = torch.autograd.grad((whole * weights).sum(), logits)
+    saved = []  # what autograd keeps for the backward pass
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        chunked = token_logps(logits, targets, 0.7, rows=2)
+    (chunked_grad,) = torch.autograd.grad((chunked * weights).sum(), logits)
+    assert torch.equal(chunked, whole) and torch.equal(chunked_grad, whole_grad)  # to the bit
+    assert max(saved) <= 2 * 7 * 300  # one chunk of 2 replies at most (one piece keeps the whole scaled copy)
+    with torch.no_grad():
+        assert torch.equal(token_logps(logits, targets, 0.7), whole)
 
 
 def test_reply_mask_runs_to_the_first_stop_token():
@@ -285,6 +305,20 @@ def test_clipped_value_loss_by_hand():
     torch.testing.assert_close(loss, torch.tensor([0.845, 0.5 * 1.4 ** 2]))
 
 
+def test_the_critic_gradient_does_not_shrink_the_actor_step():
+    from trainer.step import optimizer_step
+
+    # PPO's two parameter groups (actor, critic) are clipped apart, as MiniMind's two optimizers: clipped together, the
+    # critic's large early gradient (norm 10 here) would scale the actor's step by 1/10
+    actor, critic = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    actor.grad, critic.grad = torch.tensor([0.3, 0.4]), torch.tensor([6.0, 8.0])  # norms 0.5 and 10
+    optimizer = torch.optim.SGD([{"params": [actor]}, {"params": [critic]}], lr=1.0)
+    norm = optimizer_step([actor, critic], optimizer, torch.amp.GradScaler("cpu", enabled=False), grad_clip=1.0)
+    assert norm.item() == pytest.approx((0.5 ** 2 + 10 ** 2) ** 0.5)  # the norm before clipping, of both
+    torch.testing.assert_close(actor.detach(), torch.tensor([-0.3, -0.4]))  # under the clip: a full step
+    torch.testing.assert_close(critic.detach(), torch.tensor([-0.6, -0.8]), rtol=1e-5, atol=1e-6)  # clipped to 1
+
+
 def ppo_flags(tmp_path: Path, *flags: str) -> list[str]:
     return tiny_flags(tmp_path, "--save_weight", "ppo_actor", "--num_generations", "1", "--batch_size", "4",
                       "--mini_batch_size", "2", "--critic_learning_rate", "1e-2", *flags)
@@ -350,6 +384,58 @@ def test_a_local_reward_model_scores_each_reply(tmp_path):
     assert batch["reward/reward_model"].shape == (12,) and torch.isfinite(batch["reward/reward_model"]).all()
 
 
+REMOTE_CODE = """
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class TinyRewardConfig(PretrainedConfig):
+    model_type = "tiny_reward"
+
+
+class TinyReward(PreTrainedModel):
+    config_class = TinyRewardConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.post_init()
+
+    def get_score(self, tokenizer, messages):  # InternLM2-reward's interface: a chat in, a float out
+        reply = messages[-1]["content"]
+        if reply == "NaN please":
+            return float("nan")
+        return (self.scale * len(tokenizer(reply).input_ids) - 4).item()
+"""
+
+
+def remote_reward_model(folder: Path, scale: float) -> Path:
+    """A trust_remote_code reward model folder, InternLM2-reward style: config.json's auto_map names the model class in
+    a .py file beside it, which has get_score(tokenizer, messages); score = scale x the reply's tokens - 4."""
+    folder.mkdir(parents=True)
+    (folder / "modeling_tiny_reward.py").write_text(REMOTE_CODE)
+    auto_map = {"AutoConfig": "modeling_tiny_reward.TinyRewardConfig", "AutoModel": "modeling_tiny_reward.TinyReward"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "tiny_reward", "architectures": ["TinyReward"],
+                                                    "auto_map": auto_map}))
+    from safetensors.torch import save_file
+    save_file({"scale": torch.tensor(scale)}, folder / "model.safetensors")  # a weight that must load
+    load_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_an_internlm2_style_reward_model_scores_through_get_score_clipped(tmp_path):
+    from trainer.rewards import RewardModel
+
+    model = RewardModel(str(remote_reward_model(tmp_path / "rm", scale=2.0)), clip=3.0)  # offline, trust_remote_code
+    tokens = len(model.tokenizer("ab").input_ids)
+    row = {"messages": [{"role": "user", "content": "hi"}]}
+    scores = model([Reply("ab", True, row), Reply("a long reply of many tokens", True, row),
+                    Reply("<think>reasoning</think>NaN please", True, row)])
+    assert scores[0] == pytest.approx(max(-3.0, 2.0 * tokens - 4))  # the saved scale (2), not the initial 1
+    assert scores[1] == 3.0  # clipped to +3
+    assert math.isnan(scores[2])  # scored on the answer after </think>; a NaN stays NaN (no clip to +3)
+
+
 def test_a_bad_reward_model_folder_is_one_clear_line(tmp_path):
     from trainer.rewards import RewardModel
 
@@ -376,6 +462,21 @@ def test_a_nan_reward_is_counted_and_a_long_prompt_keeps_its_end(tmp_path, monke
     assert (batch["attention_mask"].sum(-1) - batch["reply_mask"].sum(-1) == 12).all()
     loss, metrics = grpo(model, batch)
     assert torch.isfinite(loss) and metrics["prompt_truncated"] == 1
+
+
+def test_rl_memory_measures_its_grpo_child_with_flags_grpo_accepts(tmp_path):
+    from argparse import Namespace
+
+    from scripts.rl_memory import grpo_flags, peak_rss_gib
+
+    wanted = Namespace(preset="minimind2-small", batch_size=2, num_generations=6, max_gen_len=512,
+                       reward_model=tmp_path / "rm")
+    args = parse(grpo_flags(wanted, tmp_path / "out", ["--beta", "0"]))  # the demo defaults must not replace them
+    assert (args.batch_size, args.num_generations, args.max_gen_len, args.max_steps, args.reward_dtype, args.beta,
+            args.reward_model_path) == (2, 6, 512, 1, "bfloat16", 0.0, str(tmp_path / "rm"))
+    assert peak_rss_gib([sys.executable, "-c", "b = b'x' * (400 << 20)"]) > 400 / 1024  # the child's peak
+    with pytest.raises(SystemExit, match="failed"):
+        peak_rss_gib([sys.executable, "-c", "raise SystemExit(3)"])
 
 
 def test_eval_llm_names_the_rl_scripts_for_a_missing_checkpoint(tmp_path):

@@ -121,7 +121,8 @@ def parse_rewards(names: str) -> dict[str, RewardFn]:
 class RewardModel:
     """A reward model from a local folder: any transformers ``AutoModelForSequenceClassification`` with one label,
     scored on the chat rendered with its own tokenizer's template, or an InternLM2-reward-style model
-    (``trust_remote_code``, ``get_score(tokenizer, messages)``, MiniMind's). Scores are clipped to ±``clip``."""
+    (``trust_remote_code``, ``get_score(tokenizer, messages)``, MiniMind's). Scores are clipped to ±``clip``; a NaN
+    score stays NaN, so the reply is skipped and counted (``reward_skipped``) rather than rewarded."""
 
     def __init__(self, path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  clip: float = 3.0):
@@ -159,7 +160,8 @@ class RewardModel:
             texts = [self.tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True).to(self.device)
             scores = self.model(**enc).logits[:, 0].float().tolist()
-        return [max(-self.clip, min(self.clip, s)) for s in scores]
+        # clamped as a tensor: a NaN stays NaN (and is skipped and counted), where min/max would make it +clip
+        return torch.tensor(scores).clamp(-self.clip, self.clip).tolist()
 
 
 def score(replies: list[Reply], rewards: dict[str, RewardFn],

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from torch.utils.checkpoint import checkpoint
 
 from dataset import resolve_data_path
 from dataset.rl_dataset import RLPromptDataset
-from model.generation import chat_prompt, stop_token_ids
+from model.generation import chat_prompt, sample_replies, stop_token_ids
 from model.loading import load_tokenizer
 from trainer.args import build_parser
 from trainer.rewards import Reply, RewardFn, RewardModel, parse_rewards, score
@@ -67,31 +67,18 @@ def generation_prompt(tokenizer: Any, row: Row, think: bool) -> str:
     return chat_prompt(tokenizer, row["messages"], row.get("tools"), open_thinking=True if think else None)
 
 
-class GumbelSampling(LogitsProcessor):
-    """Sampling at ``temperature`` as greedy decoding of Gumbel-perturbed logits (argmax(l/T + g) is a sample of
-    softmax(l/T)), each row drawing its noise from its own generator."""
-
-    def __init__(self, generators: list[torch.Generator], temperature: float):
-        self.generators, self.temperature = generators, temperature
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=g.device) for g in self.generators])
-        return scores.float() / self.temperature - torch.log(-torch.log(uniform.to(scores.device)))
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as a left-padded [N, T] tensor and its attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
-def up_to_first_stop(tokens: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask of each row's tokens up to and including its first stop token, whether the row has one)."""
-    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device))
-    stops_before = is_stop.long().cumsum(-1) - is_stop.long()  # stop tokens strictly before each position
-    return (stops_before == 0).long(), is_stop.any(-1)
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, rows: int = 2) \
+        -> torch.Tensor:
+    """log softmax(logits / temperature) at ``targets`` ([N, R, V] logits, [N, R] targets -> [N, R] float32), ``rows``
+    replies at a time: the float32 copies of the logits (scaled, exponentiated, their gradient) exist for one chunk at
+    a time, and with grad on each chunk is recomputed in the backward pass instead of kept. Every row's numbers are
+    those of the one-piece computation, to the bit."""
+    def chunk(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        scaled = logits.float() / temperature
+        return scaled.gather(-1, targets[..., None]).squeeze(-1) - scaled.logsumexp(-1)
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    return torch.cat([checkpoint(chunk, l, t, use_reentrant=False) if grad else chunk(l, t)
+                      for l, t in zip(logits.split(rows), targets.split(rows))])
 
 
 def reply_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) \
@@ -101,9 +88,8 @@ def reply_logps(model: nn.Module, batch: Batch, temperature: float = 1.0) \
     they agree to the bit for the same weights."""
     reply_len = batch["reply_mask"].shape[1]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=reply_len + 1)
-    logits = out.logits[:, :-1].float() / temperature  # the logits at t score the token at t+1
-    targets = batch["input_ids"][:, -reply_len:]
-    return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1), out.aux_loss
+    # the logits at t score the token at t+1
+    return token_logps(out.logits[:, :-1], batch["input_ids"][:, -reply_len:], temperature), out.aux_loss
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool = True) -> torch.Tensor:
@@ -188,27 +174,19 @@ class Rollout:
         prompts = [self.prompt_tokens(row, step) for row in rows]
         truncated = torch.tensor([len(p) > s.max_prompt_len for p in prompts]).repeat_interleave(s.num_generations)
         prompts = [p[-s.max_prompt_len:] for p in prompts]  # the end holds the question and the open assistant turn
-        prompt_ids, prompt_mask = left_pad([p for p in prompts for _ in range(s.num_generations)], self.pad_id)
         generators = [torch.Generator(rt.device).manual_seed(reply_seed(s.seed, step, row["index"], j))
                       for row in rows for j in range(s.num_generations)]
-        config = GenerationConfig(do_sample=False, max_new_tokens=s.max_gen_len, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.pad_id)
-        was_training = policy.training
-        policy.eval()
         with rt.autocast():
-            out = policy.generate(input_ids=prompt_ids.to(rt.device), attention_mask=prompt_mask.to(rt.device),
-                                  generation_config=config,
-                                  logits_processor=LogitsProcessorList([GumbelSampling(generators, s.temperature)]))
-        policy.train(was_training)
-        replies = out[:, prompt_ids.shape[1]:].cpu()
-        reply_mask, finished = up_to_first_stop(replies, self.stop_ids)
+            sampled = sample_replies(policy, [p for p in prompts for _ in range(s.num_generations)], generators,
+                                     s.max_gen_len, s.temperature, self.stop_ids, self.pad_id)
+        replies, reply_mask, finished = sampled.replies, sampled.reply_mask, sampled.finished
         texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(replies, reply_mask)],
                                             skip_special_tokens=True)
         scored = score([Reply(text, bool(done), row) for text, done, row in
                         zip(texts, finished, (row for row in rows for _ in range(s.num_generations)))],
                        self.rewards, self.reward_model)
-        batch = {"input_ids": torch.cat([prompt_ids, replies], 1),
-                 "attention_mask": torch.cat([prompt_mask, reply_mask], 1), "reply_mask": reply_mask,
+        batch = {"input_ids": torch.cat([sampled.prompt_ids, replies], 1),
+                 "attention_mask": torch.cat([sampled.prompt_mask, reply_mask], 1), "reply_mask": reply_mask,
                  "finished": finished, "prompt_truncated": truncated,
                  **{f"reward/{k}": v for k, v in scored.items()}}
         return {k: v.to(rt.device) for k, v in batch.items()}

@@ -48,11 +48,16 @@ def accumulate(model: nn.Module, stage: Stage, micro_batches: list[Batch], scale
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                    grad_clip: float) -> torch.Tensor:
-    """Clip (when ``grad_clip`` > 0), step, zero the gradients; returns the gradient norm before clipping. The norm is
-    checked like the loss: a finite loss can still backpropagate inf, and AdamW would then write NaN weights."""
+    """Clip (when ``grad_clip`` > 0), step, zero the gradients; returns the gradient norm before clipping. Each of the
+    optimizer's parameter groups is clipped on its own (one group in most stages; PPO's critic then cannot shrink the
+    actor's step, as MiniMind's two optimizers clip apart). The norm, of all groups together, is checked like the loss:
+    a finite loss can still backpropagate inf, and AdamW would then write NaN weights."""
     scaler.unscale_(optimizer)  # a no-op without fp16
-    grad_norm = nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else \
-        nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if grad_clip > 0:
+        grad_norm = torch.stack([nn.utils.clip_grad_norm_(group["params"], grad_clip)
+                                 for group in optimizer.param_groups]).norm()
+    else:
+        grad_norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ averaged over each reply's tokens up to its first stop token, then over replies 
 the bit); the reference is a frozen copy of the starting weights.
 
     python trainer/train_grpo.py                 # after train_full_sft.py (or dpo); no data or no GPU: demo-sized
-    python trainer/train_grpo.py --data_path dataset/rlaif.jsonl --reward_model_path ../internlm2-1_8b-reward
+    python trainer/train_grpo.py --data_path dataset/rlaif.jsonl --reward_model_path out/internlm2-1_8b-reward
 """
 
 from __future__ import annotations
@@ -118,10 +118,11 @@ def parse(argv: list[str] | None = None) -> Namespace:
     parser.add_argument("--loss_agg", default="sequence", choices=["sequence", "token"],
                         help="sequence: mean over each reply's tokens, then over replies (MiniMind); token: one mean "
                              "over all reply tokens (DAPO / Dr. GRPO)")
-    # The demo: a short reply window on CPU; lr far above MiniMind's 3e-7 (tuned for its long runs), so a reward the
-    # demo SFT model can reach moves within ~100 steps.
-    args = parse_args(parser, argv, rl_file, demo=dict(batch_size=2, num_generations=6, max_gen_len=48,
-                                                       max_seq_len=128, learning_rate=1e-5, thinking_ratio=0.0,
+    # The demo: lr far above MiniMind's 3e-7 (tuned for its long runs), so a reward the demo SFT model can reach moves
+    # within ~100 steps; replies up to 128 tokens, so that growing past the length reward's 20 characters does not
+    # cut them off before their <|im_end|> (with 48, the format reward fell as the length reward rose).
+    args = parse_args(parser, argv, rl_file, demo=dict(batch_size=2, num_generations=6, max_gen_len=128,
+                                                       max_seq_len=128, learning_rate=3e-5, thinking_ratio=0.0,
                                                        max_steps=100, time_budget=540, log_interval=5,
                                                        save_interval=50, rewards="length,repetition,format"))
     check_rl_args(parser, args)
