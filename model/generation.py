@@ -276,11 +276,14 @@ class GumbelSampling(LogitsProcessor):
         return scores.float() / self.temperature - torch.log(-torch.log(uniform.to(scores.device)))
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists as a left-padded [N, T] tensor and its attention mask."""
+def pad_rows(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one [N, T] tensor, padded on the right (or the left), and its mask of real tokens."""
     width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+
+    def padded(row: list[int], fill: list[int]) -> list[int]:
+        return fill + row if left else row + fill
+    ids = torch.tensor([padded(r, [pad_id] * (width - len(r))) for r in rows], dtype=torch.long)
+    mask = torch.tensor([padded([1] * len(r), [0] * (width - len(r))) for r in rows], dtype=torch.long)
     return ids, mask
 
 
@@ -306,7 +309,7 @@ def sample_replies(model: nn.Module, prompts: list[list[int]], generators: list[
     """One reply per prompt (repeat a prompt for several), sampled with HF ``generate`` (KV cache) in eval mode, reply i
     drawing its randomness from ``generators[i]`` alone: a reply does not depend on the others in its batch. Run it
     under the autocast the caller trains with."""
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = pad_rows(prompts, pad_id, left=True)
     device = next(model.parameters()).device
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                               pad_token_id=pad_id)

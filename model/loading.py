@@ -35,9 +35,14 @@ if TYPE_CHECKING:
 # The training script that writes each stage's checkpoint, and the stage whose checkpoint it starts from (its default
 # --from_weight), for the "Make it with" hints.
 TRAIN_SCRIPTS = {"pretrain": "train_pretrain.py", "full_sft": "train_full_sft.py", "dpo": "train_dpo.py",
-                 "full_dist": "train_distillation.py", "grpo": "train_grpo.py", "ppo_actor": "train_ppo.py"}
+                 "full_dist": "train_distillation.py", "grpo": "train_grpo.py", "ppo_actor": "train_ppo.py",
+                 # the demo's tool-call SFT: full SFT again, on the bundled tool rows
+                 "full_sft_tools": "train_full_sft.py --data_path dataset/demo/sft_tools.jsonl --from_weight full_sft "
+                                   "--save_weight full_sft_tools --max_seq_len 1024",
+                 "agent": "train_agent.py"}
 STARTS_FROM = {"full_sft": "pretrain", "dpo": "full_sft", "full_dist": "full_sft", "grpo": "full_sft",
-               "ppo_actor": "full_sft"}
+               "ppo_actor": "full_sft", "full_sft_tools": "full_sft",
+               "agent": "full_sft_tools"}  # the demo's start (on a GPU with MiniMind's data: full_sft)
 MAKE_IT_WITH = "Make it with (in the repo root): "  # the rest of the line is the command, runnable as printed
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 # MiniMind's --inference_rope_scaling, attention_factor 1.0 included (its choice), so its weights give its numbers.
@@ -221,7 +226,8 @@ def make_it_with(stage: str, config: MiniMindConfig, directory: str | os.PathLik
     commands = []
     # The stage itself, then each stage it starts from, until one whose checkpoint is there.
     while stage in TRAIN_SCRIPTS and not (commands and checkpoint_path(stage, config, directory).is_file()):
-        commands.insert(0, trainer_command(TRAIN_SCRIPTS[stage], config, directory))
+        script, *flags = shlex.split(TRAIN_SCRIPTS[stage])
+        commands.insert(0, trainer_command(script, config, directory, *flags))
         stage = STARTS_FROM.get(stage)
     return MAKE_IT_WITH + " && ".join(commands) if commands else ""
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> GRPO -> distillation -> the eight standard
-# prompts.
-# 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> GRPO -> 知识蒸馏 -> 8 个标准问题自动测试。
+# The whole pipeline in one go: pretrain -> full SFT -> LoRA -> DPO -> GRPO -> tool-call SFT -> agent RL ->
+# distillation -> the eight standard prompts.
+# 一条命令跑完全流程：预训练 -> 全量 SFT -> LoRA -> DPO -> GRPO -> 工具调用 SFT -> Agent RL -> 知识蒸馏 -> 8 个标准问题自动测试。
 #
 #   bash scripts/speedrun.sh                                   # no data or no GPU: demo-sized stages
 #   SHAPE="--preset minimind2" bash scripts/speedrun.sh        # the model shape, for every stage and the eval
@@ -16,6 +16,13 @@ for stage in pretrain full_sft lora dpo grpo; do
     echo "=== $stage"
     python "trainer/train_${stage}.py" $SHAPE "$@"
 done
+# Tool use: SFT on the bundled tool rows (the demo SFT data has none; MiniMind's sft_t2t files do), then RL over
+# multi-turn tool episodes from it.
+echo "=== tool-call SFT"
+python trainer/train_full_sft.py --data_path dataset/demo/sft_tools.jsonl --from_weight full_sft \
+    --save_weight full_sft_tools --max_seq_len 1024 $SHAPE "$@"
+echo "=== agent RL"
+python trainer/train_agent.py --from_weight full_sft_tools $SHAPE "$@"
 # Distillation: the full-SFT model above is the teacher, so SHAPE's size flags become --teacher_* flags; the student
 # is the script's own (demo: half the width and layers, from random weights; MiniMind's recipe: --from_weight full_sft
 # at --hidden_size, 512 by default), or what DISTILL says.
@@ -35,4 +42,4 @@ done
 echo "=== eval"
 python eval_llm.py --weight full_sft --mode auto --lora_weight None $SHAPE ${WHERE:+--out_dir "$WHERE"} \
     --max_new_tokens 256 < /dev/null
-echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; GRPO: --weight grpo; distilled: --weight full_dist; LoRA: --lora_weight identity)"
+echo "Chat with it: python eval_llm.py --weight full_sft${SHAPE:+ $SHAPE}${WHERE:+ --out_dir $WHERE}   (DPO: --weight dpo; GRPO: --weight grpo; agent RL: --weight agent, and python scripts/eval_toolcall.py --weight agent; distilled: --weight full_dist; LoRA: --lora_weight identity)"

@@ -139,14 +139,17 @@ def test_a_tiny_checkpoint_scores_the_same_locally_and_through_our_server(server
 
 
 def test_the_demo_rows_regenerate_byte_for_byte_and_hold_no_benchmark_question(tmp_path):
-    from scripts.make_tool_data import OUT
+    from scripts.make_tool_data import AGENT_OUT, OUT
     from scripts.make_tool_data import main as make
 
-    make(["--out", str(tmp_path / "rows.jsonl")])
+    make(["--out", str(tmp_path / "rows.jsonl"), "--agent_out", str(tmp_path / "agent.jsonl")])
     assert (tmp_path / "rows.jsonl").read_bytes() == OUT.read_bytes()
+    assert (tmp_path / "agent.jsonl").read_bytes() == AGENT_OUT.read_bytes()
     rows = [json.loads(line) for line in OUT.read_text(encoding="utf-8").splitlines()]
-    questions = {row["conversations"][1]["content"] for row in rows}
+    agent_rows = [json.loads(line) for line in AGENT_OUT.read_text(encoding="utf-8").splitlines()]
+    questions = {row["conversations"][1]["content"] for row in rows + agent_rows}
     assert not questions & {case.prompt for case in CASES}
+    assert {len(row["gt"]) for row in agent_rows} == {0, 1, 2}  # one fact per call needed: none, one or two
     tool_turns = [turn for row in rows for turn in row["conversations"] if turn["role"] == "tool"]
     assert len(tool_turns) > len(rows) // 2 and not any('"error"' in turn["content"] for turn in tool_turns)
 

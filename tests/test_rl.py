@@ -18,7 +18,8 @@ from trainer import Stage, train
 from trainer.rewards import REWARDS, Reply, answer_reward, parse_rewards, repetition_reward, think_reward
 from trainer.rollout import masked_mean, reply_logps, token_logps
 from trainer.runtime import Runtime
-from trainer.train_grpo import GRPO, group_advantages, grpo_stage, grpo_token_loss, k3_kl, parse
+from trainer.grpo import GRPO, group_advantages, grpo_token_loss, k3_kl
+from trainer.train_grpo import grpo_stage, parse
 
 ENV = {"SWANLAB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -215,7 +216,7 @@ def test_grpo_learns_a_reachable_reward_and_not_with_the_sign_flipped(tmp_path, 
 
     start, end = mean_rewards()  # measured: 0.36 -> 1.00
     assert end > 0.9 and end > start + 0.3, (start, end)
-    import trainer.train_grpo as grpo_module
+    import trainer.grpo as grpo_module
     real = grpo_module.group_advantages
     monkeypatch.setattr(grpo_module, "group_advantages", lambda r, g: (-real(r, g)[0], real(r, g)[1]))
     start_flipped, end_flipped = mean_rewards()

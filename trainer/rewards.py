@@ -10,6 +10,17 @@ MiniMind's rule rewards (train_grpo.py), with the verifiable-answer and format r
     answer      rows with a "gt": 1 if the final answer matches it (numbers: numerically; text: exactly, ignoring case
                 and end punctuation; a list of facts: the share found in the answer), else 0; 0 without a "gt"
     format      +0.5 if the reply ended with <|im_end|> within --max_gen_len, else -0.5
+
+The agent stage's tool episodes (trainer/train_agent.py), MiniMind's train_agent.py rewards, each its own component:
+
+    tool_format  -0.5 for each tool call that is no valid call (its tool answered with an error: not JSON, an
+                 unclosed <tool_call>, an unknown tool, arguments that do not fit its schema)
+    tool_count   episodes that called tools: +0.5 if the valid calls number exactly the row's facts ("gt", one per
+                 call needed), else -0.5 per call too many or too few
+    tool_answer  episodes that called tools and finished: 2.5 x the share of the row's facts found in the final answer
+                 (as a substring, or a number as one of its numbers)
+    finish       -0.5 if the episode did not end with an answer (still calling tools at --max_turns, or cut off)
+length and think score only episodes that called no tool, as MiniMind's; the total is clipped to +-3 (``clip_total``).
 """
 
 from __future__ import annotations
@@ -28,9 +39,10 @@ THINK_END = "</think>"
 
 @dataclass
 class Reply:
-    text: str  # the sampled reply, special tokens dropped
-    finished: bool  # it ended with a stop token within --max_gen_len
+    text: str  # the sampled reply, special tokens dropped (a tool episode: its last assistant turn)
+    finished: bool  # it ended with a stop token within --max_gen_len (a tool episode: with an answer, no call)
     row: dict[str, Any] = field(default_factory=dict)  # its prompt's data row: "messages", "gt", ...
+    tool_results: list[dict[str, Any]] = field(default_factory=list)  # a tool episode: every call's answer, in order
 
 
 RewardFn = Callable[[Reply], float]
@@ -42,11 +54,13 @@ def answer_text(text: str) -> str:
 
 
 def length_reward(reply: Reply) -> float:
+    if reply.tool_results:
+        return 0.0
     return 0.5 if 20 <= len(reply.text.strip()) <= 800 else -0.5
 
 
 def think_reward(reply: Reply) -> float:
-    if THINK_END not in reply.text:
+    if THINK_END not in reply.text or reply.tool_results:
         return 0.0
     thinking = reply.text.split(THINK_END, 1)[0].replace("<think>", "")
     reward = 1.0 if 20 <= len(thinking.strip()) <= 300 else -0.5
@@ -105,8 +119,35 @@ def format_reward(reply: Reply) -> float:
     return 0.5 if reply.finished else -0.5
 
 
+def valid_calls(reply: Reply) -> int:
+    return sum("error" not in result for result in reply.tool_results)
+
+
+def tool_format_reward(reply: Reply) -> float:
+    return -0.5 * (len(reply.tool_results) - valid_calls(reply))
+
+
+def tool_count_reward(reply: Reply) -> float:
+    if not reply.tool_results:
+        return 0.0
+    gap = abs(valid_calls(reply) - len(reply.row.get("gt") or []))
+    return 0.5 if gap == 0 else -0.5 * gap
+
+
+def tool_answer_reward(reply: Reply) -> float:
+    if not reply.tool_results or not reply.finished:
+        return 0.0
+    return 2.5 * answer_reward(reply) if isinstance(reply.row.get("gt"), list) else 0.0
+
+
+def finish_reward(reply: Reply) -> float:
+    return 0.0 if reply.finished else -0.5
+
+
 REWARDS: dict[str, RewardFn] = {"length": length_reward, "think": think_reward, "repetition": repetition_reward,
-                                "answer": answer_reward, "format": format_reward}
+                                "answer": answer_reward, "format": format_reward, "tool_format": tool_format_reward,
+                                "tool_count": tool_count_reward, "tool_answer": tool_answer_reward,
+                                "finish": finish_reward}
 
 
 def parse_rewards(names: str) -> dict[str, RewardFn]:
@@ -171,3 +212,10 @@ def score(replies: list[Reply], rewards: dict[str, RewardFn],
     if reward_model is not None:
         components["reward_model"] = torch.tensor(reward_model(replies), dtype=torch.float32)
     return components
+
+
+def clip_total(components: dict[str, torch.Tensor], limit: float) -> dict[str, torch.Tensor]:
+    """The components and one more, "clip": what brings their sum into ±``limit`` (0 where it is inside), so the
+    components still add up to the reward trained on and the log shows how much clipping took."""
+    total = sum(components.values())
+    return {**components, "clip": total.clamp(-limit, limit) - total}

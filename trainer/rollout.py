@@ -31,10 +31,10 @@ from torch.utils.checkpoint import checkpoint
 
 from dataset import resolve_data_path
 from dataset.rl_dataset import RLPromptDataset
-from model.generation import chat_prompt, sample_replies, stop_token_ids
+from model.generation import chat_prompt, pad_rows, sample_replies, stop_token_ids
 from model.loading import load_tokenizer
 from trainer.args import build_parser
-from trainer.rewards import Reply, RewardFn, RewardModel, parse_rewards, score
+from trainer.rewards import REWARDS, Reply, RewardFn, RewardModel, parse_rewards, score
 from trainer.runtime import Runtime, all_ranks
 from trainer.stage import Batch, stage_weights_path
 
@@ -56,9 +56,11 @@ class RolloutSettings:
                    args.seed)
 
 
-def reply_seed(seed: int, step: int, row: int, reply: int) -> int:
-    """A 63-bit seed that depends on all four numbers (and nothing else)."""
-    return int(np.random.SeedSequence([seed, step, row, reply]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+def reply_seed(seed: int, step: int, row: int, reply: int, *more: int) -> int:
+    """A 63-bit seed that depends on all the numbers (and nothing else): the run's seed, the step, the prompt's row,
+    the reply's number, and e.g. the turn of a tool episode."""
+    return int(np.random.SeedSequence([seed, step, row, reply, *more]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
 
 
 def generation_prompt(tokenizer: Any, row: Row, think: bool) -> str:
@@ -113,6 +115,8 @@ def reward_metrics(batch: Batch) -> dict[str, torch.Tensor]:
     metrics["reply_tokens"] = batch["reply_mask"].sum(-1).float().mean()
     metrics["finished"] = batch["finished"].float().mean()
     metrics["prompt_truncated"] = batch["prompt_truncated"].float().mean()
+    if "tool_calls" in batch:  # tool episodes: calls made per episode
+        metrics["tool_calls"] = batch["tool_calls"].float().mean()
     return metrics
 
 
@@ -159,36 +163,52 @@ class Rollout:
                                    getattr(torch, args.reward_dtype)) if args.reward_model_path else None
         return cls(tokenizer, RolloutSettings.from_args(args), parse_rewards(args.rewards), reward_model)
 
-    def prompt_tokens(self, row: Row, step: int) -> list[int]:
+    def prompt(self, row: Row, step: int) -> tuple[list[int], bool, bool]:
+        """A row's prompt tokens (their end, at most --max_seq_len), whether its generation prompt opens a think block
+        (drawn per prompt and step), and whether it was cut."""
         s = self.settings
         think = random.Random(reply_seed(s.seed, step, row["index"], s.num_generations)).random() < s.thinking_ratio
-        return self.tokenizer(generation_prompt(self.tokenizer, row, think), add_special_tokens=False).input_ids
+        tokens = self.tokenizer(generation_prompt(self.tokenizer, row, think), add_special_tokens=False).input_ids
+        return tokens[-s.max_prompt_len:], think, len(tokens) > s.max_prompt_len  # the end: question, open turn
 
     @torch.no_grad()
-    def sample(self, policy: nn.Module, rows: list[Row], step: int, rt: Runtime) -> Batch:
-        """``num_generations`` replies to each prompt of ``rows``, scored: input_ids = left-padded prompt + reply
-        (padded after its stop token), attention_mask, reply_mask (reply tokens up to and including the first stop),
-        finished, prompt_truncated, and reward/<name> per component (all [N] or [N, T], N = rows x generations, a
-        prompt's replies next to each other)."""
-        s = self.settings
-        prompts = [self.prompt_tokens(row, step) for row in rows]
-        truncated = torch.tensor([len(p) > s.max_prompt_len for p in prompts]).repeat_interleave(s.num_generations)
-        prompts = [p[-s.max_prompt_len:] for p in prompts]  # the end holds the question and the open assistant turn
-        generators = [torch.Generator(rt.device).manual_seed(reply_seed(s.seed, step, row["index"], j))
-                      for row in rows for j in range(s.num_generations)]
+    def generate(self, policy: nn.Module, contexts: list[list[int]], seeds: list[int], rt: Runtime) \
+            -> tuple[list[list[int]], list[bool]]:
+        """One sampled reply to each context (a token list) at once, each from its own seed: its tokens up to and
+        including its first stop token (at most --max_gen_len), and whether it has one."""
+        generators = [torch.Generator(rt.device).manual_seed(seed) for seed in seeds]
         with rt.autocast():
-            sampled = sample_replies(policy, [p for p in prompts for _ in range(s.num_generations)], generators,
-                                     s.max_gen_len, s.temperature, self.stop_ids, self.pad_id)
-        replies, reply_mask, finished = sampled.replies, sampled.reply_mask, sampled.finished
-        texts = self.tokenizer.batch_decode([r[m.bool()].tolist() for r, m in zip(replies, reply_mask)],
-                                            skip_special_tokens=True)
-        scored = score([Reply(text, bool(done), row) for text, done, row in
-                        zip(texts, finished, (row for row in rows for _ in range(s.num_generations)))],
-                       self.rewards, self.reward_model)
-        batch = {"input_ids": torch.cat([sampled.prompt_ids, replies], 1),
-                 "attention_mask": torch.cat([sampled.prompt_mask, reply_mask], 1), "reply_mask": reply_mask,
-                 "finished": finished, "prompt_truncated": truncated,
-                 **{f"reward/{k}": v for k, v in scored.items()}}
+            sampled = sample_replies(policy, contexts, generators, self.settings.max_gen_len,
+                                     self.settings.temperature, self.stop_ids, self.pad_id)
+        return ([r[m.bool()].tolist() for r, m in zip(sampled.replies, sampled.reply_mask)],
+                sampled.finished.tolist())
+
+    def sample(self, policy: nn.Module, rows: list[Row], step: int, rt: Runtime) -> Batch:
+        """``num_generations`` replies to each prompt of ``rows``, scored, as ``batch`` lays them out."""
+        n = self.settings.num_generations
+        prompts = [self.prompt(row, step) for row in rows]
+        seeds = [reply_seed(self.settings.seed, step, row["index"], j) for row in rows for j in range(n)]
+        contexts = [tokens for tokens, _, _ in prompts for _ in range(n)]
+        replies, finished = self.generate(policy, contexts, seeds, rt)
+        texts = self.tokenizer.batch_decode(replies, skip_special_tokens=True)
+        scored = score([Reply(text, done, row) for text, done, row in
+                        zip(texts, finished, (row for row in rows for _ in range(n)))], self.rewards,
+                       self.reward_model)
+        return self.batch(contexts, replies, [[1] * len(r) for r in replies], finished,
+                          [cut for _, _, cut in prompts for _ in range(n)], scored, rt)
+
+    def batch(self, prompts: list[list[int]], completions: list[list[int]], trained: list[list[int]],
+              finished: list[bool], truncated: list[bool], scored: dict[str, torch.Tensor], rt: Runtime) -> Batch:
+        """The tensors the losses read (all [N] or [N, T], N = rows x generations, a prompt's replies next to each
+        other): input_ids = left-padded prompt + completion (padded after it), attention_mask, reply_mask (1 on the
+        completion's tokens the policy wrote and is trained on: up to and including its first stop token; 0 on a tool
+        episode's tool turns), finished, prompt_truncated, and reward/<name> per component."""
+        prompt_ids, prompt_mask = pad_rows(prompts, self.pad_id, left=True)
+        completion_ids, completion_mask = pad_rows(completions, self.pad_id)
+        batch = {"input_ids": torch.cat([prompt_ids, completion_ids], 1),
+                 "attention_mask": torch.cat([prompt_mask, completion_mask], 1),
+                 "reply_mask": pad_rows(trained, 0)[0], "finished": torch.tensor(finished),
+                 "prompt_truncated": torch.tensor(truncated), **{f"reward/{k}": v for k, v in scored.items()}}
         return {k: v.to(rt.device) for k, v in batch.items()}
 
 
@@ -196,6 +216,8 @@ class RLStage:
     """What the RL stages share: the policy (trained in place), its frozen reference, the rollout and the reward log,
     made in ``setup``: after --from_weight and before --from_resume, so the reference is the starting model even when
     a run resumes."""
+
+    rollout_class = Rollout  # how prompts become scored replies (the agent stage: tool episodes)
 
     def __init__(self, args: Namespace):
         self.args = args
@@ -207,7 +229,7 @@ class RLStage:
     def setup(self, model: nn.Module, args: Namespace) -> None:
         self.policy = model
         self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        self.rollouts = Rollout.from_args(args, load_tokenizer(), next(model.parameters()).device)
+        self.rollouts = self.rollout_class.from_args(args, load_tokenizer(), next(model.parameters()).device)
         weights = stage_weights_path(args, model.config)
         self.reward_log = RewardLog(weights.with_name(f"{weights.stem}_rewards.jsonl"))
 
@@ -233,8 +255,8 @@ def rl_parser(description: str, save_weight: str, project: str, num_generations:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs use it too)")
     g.add_argument("--thinking_ratio", type=float, default=0.9,
                    help="share of prompts whose reply starts inside an open <think> block")
-    g.add_argument("--rewards", default="length,think,repetition,answer", help="comma-separated rule rewards: length, think, repetition, "
-                   "answer (rows with a gt), format (see trainer/rewards.py)")
+    g.add_argument("--rewards", default="length,think,repetition,answer",
+                   help=f"comma-separated rule rewards of {', '.join(REWARDS)} (see trainer/rewards.py)")
     g.add_argument("--reward_model_path", default=None, help="a local transformers reward model folder (one-label "
                    "sequence classifier, or InternLM2-reward style); none by default")
     g.add_argument("--reward_device", default=None, help="where the reward model runs (default: the policy's device)")
