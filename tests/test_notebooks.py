@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 from nbclient import NotebookClient
@@ -57,6 +58,10 @@ def test_notebooks_are_committed_without_outputs():
 def test_sampling_notebook(smoke_env):
     execute(HANDS_ON / "sampling.ipynb")
     assert [p.name for p in smoke_env.iterdir()] == ["smoke"]  # its model too: out/smoke/, not out/
+    saved = smoke_env / "smoke" / "sampling"  # what the docs' tables and figure are copied from
+    sweeps = pd.read_csv(saved / "sweeps.csv")
+    assert set(sweeps.knob) == {"temperature", "top_p", "top_k"} and {"length", "rep4", "w4r"} <= set(sweeps.columns)
+    assert (saved / "decoding.csv").is_file() and (saved / "sweeps.png").stat().st_size > 0
 
 
 def test_classification_notebooks(smoke_env):
@@ -64,9 +69,15 @@ def test_classification_notebooks(smoke_env):
     for name in ["01_split", "02_prompting", "03_finetune", "04_results"]:
         execute(CLASSIFICATION / f"{name}.ipynb")
     assert [p.name for p in smoke_env.iterdir()] == ["smoke"]  # split, results, checkpoints: never beside a real run's
-    methods = {r["method"] for r in cls_utils.load_results(smoke_env / "smoke" / "classification")}
+    work_dir = smoke_env / "smoke" / "classification"
+    results = cls_utils.load_results(work_dir)
+    methods = {r["method"] for r in results}
     assert {"zero-shot", "few-shot", "full SFT", "SFT, lower half frozen", "label-token classifier"} <= methods
     assert any(m.startswith("LoRA") for m in methods)
+    assert all(r["seconds"] > 0 for r in results)  # each method's time, for the results table
+    table = pd.read_csv(work_dir / "results.csv", index_col="method")  # what 04 saves for the docs
+    assert set(table.index) == methods and list(table.columns) == list(cls_utils.RESULT_COLUMNS)
+    assert (work_dir / "confusion.png").stat().st_size > 0 and (work_dir / "scores.png").stat().st_size > 0
 
 
 def test_the_smoke_model_is_made_once_and_leaves_the_rng_alone(tmp_path):

@@ -333,9 +333,10 @@ def plot_confusion(cm: pd.DataFrame, title: str, ax=None):
     return ax
 
 
-def save_result(work_dir: str | os.PathLike, method: str, y_true, y_pred, labels) -> dict:
-    """Scores + confusion matrix of one method, written to ``<work_dir>/results/<method>.json`` for 04_results."""
-    result = {"method": method, **scores(y_true, y_pred, labels),
+def save_result(work_dir: str | os.PathLike, method: str, y_true, y_pred, labels, seconds: float | None = None) -> dict:
+    """Scores + confusion matrix of one method, written to ``<work_dir>/results/<method>.json`` for 04_results;
+    ``seconds``: the wall-clock time the method took (fine-tuning included), for the results table."""
+    result = {"method": method, **scores(y_true, y_pred, labels), "seconds": seconds,
               "confusion": confusion(y_true, y_pred, labels).to_dict(orient="split")}
     path = Path(work_dir) / "results" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', method)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,8 +348,18 @@ def load_results(work_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((Path(work_dir) / "results").glob("*.json"))]
 
 
-def report(work_dir: str | os.PathLike, method: str, y_true, y_pred, labels) -> pd.Series:
+RESULT_COLUMNS = ("accuracy", "macro_f1", "unparsed", "n", "seconds")
+
+
+def results_table(results: list[dict]) -> pd.DataFrame:
+    """One row a method (best accuracy first): accuracy, macro-F1, unparsed replies, test rows, seconds taken
+    (empty for a result saved before times were kept)."""
+    table = pd.DataFrame(results).set_index("method").reindex(columns=list(RESULT_COLUMNS))
+    return table.sort_values("accuracy", ascending=False)
+
+
+def report(work_dir: str | os.PathLike, method: str, y_true, y_pred, labels, seconds: float | None = None) -> pd.Series:
     """save_result() + the confusion-matrix plot: what each experiment ends with."""
-    result = save_result(work_dir, method, y_true, y_pred, labels)
+    result = save_result(work_dir, method, y_true, y_pred, labels, seconds)
     plot_confusion(confusion(y_true, y_pred, labels), f"{method}: accuracy {result['accuracy']:.1%}")
-    return pd.Series({k: result[k] for k in ("accuracy", "macro_f1", "unparsed", "n")}, name=method)
+    return pd.Series({k: result[k] for k in RESULT_COLUMNS}, name=method)
