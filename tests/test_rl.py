@@ -41,7 +41,7 @@ def tiny_flags(tmp_path: Path, *flags: str) -> list[str]:
             str(tmp_path / "out"), "--batch_size", "2", "--num_generations", "4", "--max_gen_len", "8",
             "--max_seq_len", "64", "--learning_rate", "1e-3", "--thinking_ratio", "0.5", "--log_interval", "1",
             "--max_steps", "4", "--epochs", "10", "--save_interval", "0", "--time_budget", "0",
-            "--rewards", "length,repetition,format", *flags]
+            "--rewards", "length,repetition,format", "--temperature", "1.0", *flags]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

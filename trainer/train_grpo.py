@@ -31,11 +31,13 @@ def parse(argv: list[str] | None = None) -> Namespace:
     add_grpo_args(parser)
     # The demo: lr far above MiniMind's 3e-7 (tuned for its long runs), so a reward the demo SFT model can reach moves
     # within ~100 steps; replies up to 128 tokens, so that growing past the length reward's 20 characters does not
-    # cut them off before their <|im_end|> (with 48, the format reward fell as the length reward rose).
+    # cut them off before their <|im_end|> (with 48, the format reward fell as the length reward rose); temperature
+    # 0.7, where the demo SFT model's replies are often too short: room to learn (at 1.0 it starts near the ceiling).
     args = parse_args(parser, argv, rl_file, demo=dict(batch_size=2, num_generations=6, max_gen_len=128,
-                                                       max_seq_len=128, learning_rate=3e-5, thinking_ratio=0.0,
-                                                       max_steps=100, time_budget=540, log_interval=5,
-                                                       save_interval=50, rewards="length,repetition,format"))
+                                                       temperature=0.7, max_seq_len=128, learning_rate=3e-5,
+                                                       thinking_ratio=0.0, max_steps=100, time_budget=540,
+                                                       log_interval=5, save_interval=50,
+                                                       rewards="length,repetition,format"))
     check_grpo_args(parser, args)
     return args
 
