@@ -196,7 +196,12 @@ def test_ddp_two_ranks_with_half_the_prompts_equal_one_process(toy, tmp_path):
         torch.testing.assert_close(two["model"][k], w, rtol=1e-4, atol=1e-5)
 
 
-def test_bad_flags_are_one_line(toy, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        parse(flags(toy, tmp_path, "--max_total_len", "200"))
-    assert "--max_total_len 200 leaves no room" in capsys.readouterr().err
+@pytest.mark.parametrize("bad, said", [(("--max_total_len", "200"), "--max_total_len 200 leaves no room"),
+                                       (("--max_turns", "0"), "--max_turns must be at least 1"),
+                                       (("--num_generations", "1"), "--num_generations must be at least 2"),
+                                       (("--temperature", "0"), "--temperature must be positive")])
+def test_bad_flags_are_one_line(toy, tmp_path, capsys, bad, said):
+    with pytest.raises(SystemExit) as stop:
+        parse(flags(toy, tmp_path, *bad))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and said in err and len(err.strip().splitlines()) == 1  # no usage text

@@ -2,7 +2,7 @@
 stage (trainer/train_agent.py: multi-turn tool episodes). trainer/train_grpo.py's docstring states the maths.
 
     add_grpo_args(parser)                                # beside trainer/rollout.py's rl_parser flags
-    check_grpo_args(parser, args)
+    check_grpo_args(args)
     run(GRPO(args).stage("grpo", rl_data), args)
 """
 
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dataset.rl_dataset import rows_collate
+from trainer.args import fail
 from trainer.rollout import RLStage, check_rl_args, masked_mean, reply_logps, reward_metrics, rewards_total
 from trainer.runtime import Runtime
 from trainer.stage import Batch, Stage
@@ -113,7 +114,7 @@ def add_grpo_args(parser: ArgumentParser) -> None:
                         "all reply tokens (DAPO / Dr. GRPO)")
 
 
-def check_grpo_args(parser: ArgumentParser, args: Namespace) -> None:
-    check_rl_args(parser, args)
+def check_grpo_args(args: Namespace) -> None:
+    check_rl_args(args)
     if args.num_generations < 2:
-        parser.error("--num_generations must be at least 2: a group of one has no spread to learn from")
+        fail("--num_generations must be at least 2: a group of one has no spread to learn from")

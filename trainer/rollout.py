@@ -33,7 +33,7 @@ from dataset import resolve_data_path
 from dataset.rl_dataset import RLPromptDataset
 from model.generation import chat_prompt, pad_rows, sample_replies, stop_token_ids
 from model.loading import load_tokenizer
-from trainer.args import build_parser
+from trainer.args import build_parser, fail
 from trainer.rewards import REWARDS, Reply, RewardFn, RewardModel, parse_rewards, score
 from trainer.runtime import Runtime, all_ranks
 from trainer.stage import Batch, stage_weights_path
@@ -264,13 +264,13 @@ def rl_parser(description: str, save_weight: str, project: str, num_generations:
     return parser
 
 
-def check_rl_args(parser: ArgumentParser, args: Namespace) -> None:
+def check_rl_args(args: Namespace) -> None:
     if args.eval_size:  # a note, not an error: speedrun.sh passes its flags to every stage
         print(f"[rl] --eval_size {args.eval_size} ignored: RL stages have no held-out loss (evaluate with eval_llm.py)")
         args.eval_size = 0
     if args.temperature <= 0:
-        parser.error("--temperature must be positive: RL learns from the spread of sampled replies")
+        fail("--temperature must be positive: RL learns from the spread of sampled replies")
     try:
         parse_rewards(args.rewards)
     except ValueError as e:
-        parser.error(f"--rewards: {e}")
+        fail(f"--rewards: {e}")

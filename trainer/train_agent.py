@@ -35,6 +35,7 @@ from dataset import resolve_data_path
 from model.generation import chat_prompt, split_reasoning
 from model.tools import Toolbox, assistant_turn, split_tool_calls
 from trainer import Stage, parse_args, run
+from trainer.args import fail
 from trainer.grpo import GRPO, add_grpo_args, check_grpo_args
 from trainer.rewards import Reply, clip_total, score
 from trainer.rollout import Rollout, Row, reply_seed, rl_data, rl_parser
@@ -159,12 +160,12 @@ def parse(argv: list[str] | None = None) -> Namespace:
     args = parse_args(parser, argv, agent_file, demo=dict(
         from_weight="full_sft_tools", batch_size=1, max_gen_len=96, max_seq_len=512, max_total_len=768,
         learning_rate=2e-5, thinking_ratio=0.0, max_steps=60, log_interval=5, save_interval=20))
-    check_grpo_args(parser, args)
+    check_grpo_args(args)
     if args.max_turns < 1:
-        parser.error("--max_turns must be at least 1")
+        fail("--max_turns must be at least 1")
     if args.max_seq_len + args.max_gen_len > args.max_total_len:
-        parser.error(f"--max_total_len {args.max_total_len} leaves no room for a prompt of --max_seq_len "
-                     f"{args.max_seq_len} and a reply of --max_gen_len {args.max_gen_len}")
+        fail(f"--max_total_len {args.max_total_len} leaves no room for a prompt of --max_seq_len {args.max_seq_len} "
+             f"and a reply of --max_gen_len {args.max_gen_len}")
     return args
 
 

@@ -38,7 +38,7 @@ def parse(argv: list[str] | None = None) -> Namespace:
                                                        thinking_ratio=0.0, max_steps=100, time_budget=540,
                                                        log_interval=5, save_interval=50,
                                                        rewards="length,repetition,format"))
-    check_grpo_args(parser, args)
+    check_grpo_args(args)
     return args
 
 

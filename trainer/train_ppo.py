@@ -34,6 +34,7 @@ from dataset.rl_dataset import rows_collate
 from model import MiniMindForCausalLM
 from model.weights import save_weights
 from trainer import Stage, parse_args, run
+from trainer.args import fail
 from trainer.rollout import (RLStage, check_rl_args, masked_mean, reply_logps, reward_metrics,
                              rewards_total, rl_data, rl_file, rl_parser)
 from trainer.runtime import Runtime, all_ranks, any_rank
@@ -204,9 +205,9 @@ def parse(argv: list[str] | None = None) -> Namespace:
                                                        thinking_ratio=0.0, max_steps=60, time_budget=540,
                                                        log_interval=5, save_interval=30,
                                                        rewards="length,repetition,format"))
-    check_rl_args(parser, args)
+    check_rl_args(args)
     if args.ppo_update_iters < 1 or args.mini_batch_size < 0:
-        parser.error("--ppo_update_iters must be at least 1 and --mini_batch_size not negative")
+        fail("--ppo_update_iters must be at least 1 and --mini_batch_size not negative")
     return args
 
 
