@@ -292,6 +292,8 @@ def test_a_finished_stage_names_the_next_and_a_cut_one_how_to_continue(tmp_path,
     assert "--from_weight my_sft" in commands[2]  # GRPO starts from full_sft by default, not from my_sft
     after_dpo = what_next("dpo", stage_args(parse_dpo), Result(10, 0, 0.0, []), ["trainer/train_dpo.py"]).splitlines()
     assert after_dpo[0] == "next: python trainer/train_grpo.py --from_weight dpo"
+    after_agent = what_next("agent", Namespace(save_weight="agent"), Result(10, 0, 0.0, []), ["trainer/train_agent.py"])
+    assert after_agent == "next: python eval_llm.py --weight agent"
 
     lora = stage_args(parse_lora, "--lora_name", "me")
     [chat_line] = what_next("lora", lora, Result(10, 0, 0.0, []), ["trainer/train_lora.py"]).splitlines()

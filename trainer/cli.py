@@ -17,7 +17,7 @@ from trainer.stage import Stage
 
 # The pipeline, stage by stage: what each one's weights are for next (speedrun.sh runs it in one go).
 NEXT = {"pretrain": ["full_sft"], "full_sft": ["dpo", "lora", "grpo", "chat"], "dpo": ["grpo", "chat"],
-        "lora": ["chat"], "grpo": ["chat"], "ppo_actor": ["chat"], "full_dist": ["chat"]}
+        "lora": ["chat"], "grpo": ["chat"], "ppo_actor": ["chat"], "agent": ["chat"], "full_dist": ["chat"]}
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 
 
